@@ -1,0 +1,314 @@
+"""Typed, strict JSON configs with inheritance and command-line overrides.
+
+A config file is a JSON object with the sections `data`, `model`, `train`, `eval`, `output`, and an
+optional `"extends": "base.json"` (resolved next to the file). Sections are dataclasses below; the
+`model` section is the config dataclass of the model named by `model.name` (see `model.registry`).
+
+Resolution order: the defaults of the dataclasses, then each file from the root of the `extends` chain
+down, then `--section.key value` overrides. When a layer changes `model.name`, the inherited model keys
+the new model does not accept are dropped (so `--model.name ttm` keeps `dim` but drops `blocks`); a key a
+layer sets itself must be accepted. Unknown keys, wrong types and out-of-range values are errors
+(`ConfigError`) that name the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from model import MODELS, get_model_entry
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+__all__ = ["ConfigError", "DataConfig", "TrainConfig", "EvalConfig", "OutputConfig", "Config", "load_config",
+           "resolve_config_path", "parse_overrides", "config_from_dict", "config_to_dict", "describe_config"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the accepted values."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    name: str = field(default="adrenalmnist3d", metadata={
+        "help": "MedMNIST 3D flag (organmnist3d, nodulemnist3d, adrenalmnist3d, fracturemnist3d, "
+                "vesselmnist3d, synapsemnist3d) or the built-in offline dataset `synthetic3d`"})
+    root: str = field(default="~/.medmnist", metadata={
+        "help": "folder holding the MedMNIST .npz files (relative paths are taken from the working directory)"})
+    size: int = field(default=28, metadata={"choices": [28, 64], "help": "volume side: 28 (MedMNIST v2) or 64 (MedMNIST+)"})
+    out_class_num: Optional[int] = field(default=None, metadata={
+        "min": 1, "help": "optional check: must equal the class count of the dataset (from medmnist.INFO)"})
+    download: bool = field(default=True, metadata={"help": "download a missing file (MD5-checked)"})
+    device_cache: bool = field(default=True, metadata={
+        "help": "keep the uint8 splits on the training device (they are small); false keeps them in host memory"})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=100, metadata={"min": 1, "help": "paper Table 4 (the original base.json has 20)"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "training batch size"})
+    optimizer: str = field(default="adam", metadata={"choices": ["adam", "adamw", "sgd"], "help": "optimizer"})
+    lr: float = field(default=1e-4, metadata={"min": 0.0, "help": "learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0.0, "help": "weight decay (original code; not in the paper)"})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "help": "SGD momentum (sgd only)"})
+    scheduler: str = field(default="none", metadata={
+        "choices": ["none", "multistep"],
+        "help": "`multistep` multiplies the lr by `gamma` at each fraction of `milestones` (MedMNIST baseline recipe)"})
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={
+        "help": "fractions of the epochs at which `multistep` decays the lr"})
+    gamma: float = field(default=0.1, metadata={"min": 0.0, "help": "lr factor of `multistep`"})
+    seed: int = field(default=3407, metadata={"min": 0, "help": "seed of weights, shuffling, dropout and noise"})
+    device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."})
+    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (an addition; off = float32 as the paper)"})
+    grad_clip: float = field(default=0.0, metadata={"min": 0.0, "help": "max gradient norm; 0 = off (as the original)"})
+    keep_last_k: int = field(default=0, metadata={
+        "min": 0, "help": "also keep the weights of the last k epochs (for predict.py --last-k, the paper's protocol)"})
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "evaluation batch size (results do not depend on it by default)"})
+    split: str = field(default="test", metadata={"choices": ["train", "val", "test"], "help": "split predict.py scores"})
+    last_k: int = field(default=0, metadata={
+        "min": 0, "help": "0: MedMNIST protocol (best-validation-AUC checkpoint); k > 0: mean of the last k epoch checkpoints"})
+
+
+@dataclass
+class OutputConfig:
+    dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
+    name: str = field(default="", metadata={
+        "help": "run directory name; empty = `<config file stem>`, e.g. runs/adrenalmnist3d"})
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "output": OutputConfig}
+
+
+@dataclass
+class Config:
+    """A resolved config: one dataclass per section, `model` being the chosen model's dataclass."""
+
+    data: DataConfig
+    model_name: str
+    model: Any
+    train: TrainConfig
+    eval: EvalConfig
+    output: OutputConfig
+    source: str = ""  # the config file it came from (for the default run name)
+
+    @property
+    def run_dir(self) -> Path:
+        name = self.output.name or (Path(self.source).stem if self.source else self.data.name)
+        return Path(self.output.dir).expanduser() / name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------------------
+
+def _suggest(key: str, accepted) -> str:
+    close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; accepted keys: {', '.join(sorted(accepted))}"
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(where: str, f: dataclasses.Field, value):
+    """Check `value` against the field's type and metadata; return it, coerced where lossless (int -> float)."""
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, {"list": list, "float": float, "int": int,  # noqa: S307
+                                                                  "str": str, "bool": bool, "None": None,
+                                                                  "Optional": Optional})
+    origin = typing.get_origin(tp)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
+        return [_check_scalar(f"{where}[{i}]", item, v, {}) for i, v in enumerate(value)]
+    return _check_scalar(where, tp, value, f.metadata)
+
+
+def _check_scalar(where: str, tp, value, meta):
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where} = {value!r} is not accepted; choose one of {meta['choices']}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where} = {value!r} is below its minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where} = {value!r} is above its maximum {meta['max']}")
+    return value
+
+
+def _apply_section(where: str, cls: type, current: dict, layer: dict) -> dict:
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {layer!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(current)
+    for key, value in layer.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {where}.{key}{_suggest(key, fields)}")
+        out[key] = _check_value(f"{where}.{key}", fields[key], value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resolution
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path that exists is used as is; a bare name (`base`, `base.json`) is looked up in `config/`."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.json"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {str(name)!r} not found (looked in the working directory and in {CONFIG_DIR})")
+
+
+def _read_layers(path: Path, seen=()) -> list[tuple[str, dict]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, (*seen, path)))}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    parent = raw.pop("extends", None)
+    layers = []
+    if parent is not None:
+        parent_path = (path.parent / parent) if (path.parent / parent).is_file() else resolve_config_path(parent)
+        layers = _read_layers(parent_path, (*seen, path))
+    return [*layers, (str(path), raw)]
+
+
+def config_from_dict(layers: list[tuple[str, dict]], source: str = "") -> Config:
+    """Merge `(origin, dict)` layers over the defaults into a validated `Config`."""
+    values: dict[str, dict] = {name: {} for name in SECTIONS}
+    model_name, model_values = "lmttm", {}
+    accepted = {*SECTIONS, "model"}
+    for origin, layer in layers:
+        for section, content in layer.items():
+            if section not in accepted:
+                raise ConfigError(f"{origin}: unknown section {section!r}{_suggest(section, accepted)}")
+            if section == "model":
+                if not isinstance(content, dict):
+                    raise ConfigError(f"{origin}: section model must be a JSON object")
+                content = dict(content)
+                new_name = content.pop("name", model_name)
+                if new_name not in MODELS:
+                    raise ConfigError(f"{origin}: model.name = {new_name!r} is not a registered model"
+                                      f"{_suggest(new_name, MODELS)}")
+                entry = get_model_entry(new_name)
+                if new_name != model_name:  # keep the inherited keys the new model also accepts
+                    names = {f.name for f in dataclasses.fields(entry.config_cls)}
+                    model_values = {k: v for k, v in model_values.items() if k in names}
+                    model_name = new_name
+                try:
+                    model_values = _apply_section("model", entry.config_cls, model_values, content)
+                except ConfigError as err:
+                    raise ConfigError(f"{origin}: {err}") from None
+            else:
+                try:
+                    values[section] = _apply_section(section, SECTIONS[section], values[section], content)
+                except ConfigError as err:
+                    raise ConfigError(f"{origin}: {err}") from None
+    try:
+        model_cfg = get_model_entry(model_name).config_cls(**model_values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {model_name}: {err}") from None
+    return Config(data=DataConfig(**values["data"]), model_name=model_name, model=model_cfg,
+                  train=TrainConfig(**values["train"]), eval=EvalConfig(**values["eval"]),
+                  output=OutputConfig(**values["output"]), source=source)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`['--train.epochs', '5', '--model.dim=64']` -> `{'train': {'epochs': 5}, 'model': {'dim': 64}}`.
+
+    Values are read as JSON (numbers, true/false, null, lists) and otherwise kept as strings.
+    """
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"cannot read override {arg!r}; write overrides as --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value")
+            value, i = args[i + 1], i + 1
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise ConfigError(f"cannot read override {arg!r}; write overrides as --section.key value")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(section, {})[name] = parsed
+        i += 1
+    return out
+
+
+def load_config(name: str | Path, overrides: list[str] | dict | None = None) -> Config:
+    """Load a config file (bare name or path) with its `extends` chain and command-line overrides."""
+    path = resolve_config_path(name)
+    layers = _read_layers(path)
+    if overrides:
+        layers.append(("command line", parse_overrides(overrides) if isinstance(overrides, list) else overrides))
+    return config_from_dict(layers, source=str(path))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as a JSON-ready dict that `config_from_dict` reads back to the same config."""
+    return {"data": dataclasses.asdict(cfg.data), "model": {"name": cfg.model_name, **dataclasses.asdict(cfg.model)},
+            "train": dataclasses.asdict(cfg.train), "eval": dataclasses.asdict(cfg.eval),
+            "output": dataclasses.asdict(cfg.output)}
+
+
+def describe_config(model_names=None) -> str:
+    """Markdown tables of every key with its default and meaning (used by `train.py --help-config`)."""
+    lines = []
+
+    def table(title, cls):
+        lines.extend([f"### `{title}`", "", "| key | default | meaning |", "|---|---|---|"])
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            meta = f.metadata
+            extra = f" (one of {', '.join(map(str, meta['choices']))})" if "choices" in meta else ""
+            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {meta.get('help', '')}{extra} |")
+        lines.append("")
+
+    for name, cls in SECTIONS.items():
+        table(name, cls)
+    for name in model_names or sorted(MODELS):
+        table(f"model` with `name: {name}", get_model_entry(name).config_cls)
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""Processors (the paper's MAFA unit, spec §5): read tokens (B, R, D) -> output tokens (B, R, D).
+
+Each processor runs one block `repeats` times with the same weights, as the original code does.
+"""
+
+from __future__ import annotations
+
+
+from torch import nn
+
+
+class TransformerProcessor(nn.Module):
+    """One post-norm encoder layer (ReLU, feed-forward 3D) applied `repeats` times (weight sharing).
+
+    `batch_attention=True` reproduces the original code's defect (spec §9.1): its sequence-first layer was
+    fed batch-first tensors, so the samples of a batch attend to each other and a sample's tokens do not.
+    """
+
+    def __init__(self, *, dim: int, num_tokens: int, heads: int, dropout: float, repeats: int,
+                 batch_attention: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim = {dim} must be divisible by heads = {heads}")
+        self.layer = nn.TransformerEncoderLayer(d_model=dim, nhead=heads, dim_feedforward=3 * dim, dropout=dropout,
+                                                activation="relu", batch_first=True, norm_first=False)
+        self.repeats = repeats
+        self.batch_attention = batch_attention
+
+    def forward(self, x):
+        if self.batch_attention:
+            x = x.transpose(0, 1)  # (R, B, D): the batch axis becomes the attended sequence
+        for _ in range(self.repeats):
+            x = self.layer(x)
+        return x.transpose(0, 1) if self.batch_attention else x
+
+
+class MLPProcessor(nn.Module):
+    """`repeats` × [shared LayerNorm -> (LN, Linear D->3D, Dropout, GELU, Linear 3D->D, GELU, Dropout)], then
+    the shared LayerNorm; no residual, as in the original."""
+
+    def __init__(self, *, dim: int, num_tokens: int, heads: int, dropout: float, repeats: int,
+                 batch_attention: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.block = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Dropout(dropout), nn.GELU(),
+                                   nn.Linear(3 * dim, dim), nn.GELU(), nn.Dropout(dropout))
+        self.repeats = repeats
+
+    def forward(self, x):
+        for _ in range(self.repeats):
+            x = self.block(self.norm(x))
+        return self.norm(x)
+
+
+class MixerProcessor(nn.Module):
+    """MLP-Mixer block applied `repeats` times, then LayerNorm.
+
+    Token mixing acts over the processor's own token count (hidden 6 × tokens) and channel mixing over D
+    (hidden 3D), each with a residual connection, one LayerNorm shared as in the original. The original
+    sized token mixing for 8 tokens, which breaks LMTTM's 24; here it is sized from `num_tokens`.
+    """
+
+    def __init__(self, *, dim: int, num_tokens: int, heads: int, dropout: float, repeats: int,
+                 batch_attention: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.token_mixing = nn.Sequential(nn.Linear(num_tokens, 6 * num_tokens), nn.GELU(), nn.Dropout(dropout),
+                                          nn.Linear(6 * num_tokens, num_tokens), nn.GELU())
+        self.channel_mixing = nn.Sequential(nn.Linear(dim, 3 * dim), nn.GELU(), nn.Dropout(dropout),
+                                            nn.Linear(3 * dim, dim), nn.GELU())
+        self.dropout = nn.Dropout(dropout)
+        self.repeats = repeats
+
+    def forward(self, x):
+        for _ in range(self.repeats):
+            x = x + self.dropout(self.token_mixing(self.norm(x).transpose(1, 2)).transpose(1, 2))  # (B, R, D)
+            x = x + self.dropout(self.channel_mixing(self.norm(x)))
+        return self.norm(x)
+
+
+PROCESSORS = {"transformer": TransformerProcessor, "mlp": MLPProcessor, "mixer": MixerProcessor}
+
+
+def build_processor(name: str, **kwargs) -> nn.Module:
+    if name not in PROCESSORS:
+        raise ValueError(f"unknown processor {name!r}; choose one of {sorted(PROCESSORS)}")
+    return PROCESSORS[name](**kwargs)
+
+

@@ -1,0 +1,46 @@
+"""Token summariser S_R (TokenLearner style): N tokens -> R tokens; used for every read and write.
+
+Spec §2 (`shared/design/LMTTM.md`), after Ryoo et al., "TokenLearner" (2021) as used by the LMTTM code:
+
+    Xn     = LayerNorm(X)                              (B, N, D)
+    logits = W2 · GELU(W1 · Xn)                        (B, N, R)   W1: D->D, W2: D->R, no biases
+    A      = softmax over the N input tokens           (B, N, R)
+    F      = GELU(Wf · X)                              (B, N, D)   on the un-normalised X
+    Z      = Aᵀ F, then dropout                        (B, R, D)
+
+Every step except the softmax is per token, so callers that summarise several token sets sharing tokens
+(the three LMTTM reads share the input tokens) can compute `token_terms` once per token and `pool` the
+concatenations. Parameters: 2D² + (R + 2)·D.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TokenSummariser(nn.Module):
+    """Summarise N tokens into `num_outputs` tokens with learned softmax weights over the tokens."""
+
+    def __init__(self, *, dim: int, num_outputs: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.hidden = nn.Linear(dim, dim, bias=False)  # W1
+        self.to_logits = nn.Linear(dim, num_outputs, bias=False)  # W2
+        self.to_features = nn.Linear(dim, dim, bias=False)  # Wf
+        self.dropout = nn.Dropout(dropout)
+
+    def token_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token attention logits (..., N, R) and features (..., N, D) of x (..., N, D)."""
+        logits = self.to_logits(F.gelu(self.hidden(self.norm(x))))
+        features = F.gelu(self.to_features(x))
+        return logits, features
+
+    def pool(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Softmax over the token axis (-2) of logits (..., N, R), weighted sum of features -> (..., R, D)."""
+        weights = logits.softmax(dim=-2)
+        return self.dropout(weights.transpose(-1, -2) @ features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(*self.token_terms(x))
