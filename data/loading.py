@@ -1,0 +1,227 @@
+"""Loading MedMNIST 3D splits into memory and iterating over them in batches."""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import download as _download
+from data.info import SPLIT_NAMES, DataError, DatasetInfo, dataset_info
+from data.synthetic import make_synthetic_split
+
+Device = torch.device | str | None
+
+
+@dataclass
+class Split:
+    """One split held in memory.
+
+    `images` is uint8 (N, C, S, S, S) with C = 1; the axes after the channel keep the stored
+    order, so axis 2 is the depth axis of the volume. `labels` is int64 (N,).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: Device) -> Split:
+        """The same split with both tensors on `device` (still uint8 images)."""
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+# Files whose split sizes differ from the official ones were already reported.
+_size_warned: set[Path] = set()
+# MD5 of dataset files, keyed by (path, mtime_ns, size in bytes).
+_md5_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _missing_file_error(info: DatasetInfo) -> DataError:
+    assert info.path is not None
+    return DataError(
+        f"{info.filename} not found in {info.path.parent} (download disabled). "
+        f"{_download.manual_download_hint(info.url, info.path, info.md5)}"
+    )
+
+
+def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
+    return DataError(
+        f"Cannot read {info.path} as a MedMNIST .npz file ({type(error).__name__}: {error}). "
+        f"The file is probably corrupt or truncated: delete it and download it again "
+        f"(expected MD5 {info.md5}, from {info.url})."
+    )
+
+
+def _check_split(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Check the shapes, dtypes and label range of one stored split; return labels as int64 (N,)."""
+    where = f"{info.path}: {split}_images"
+    expected = (info.size,) * 3
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != expected:
+        raise DataError(
+            f"{where} has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, {', '.join(map(str, expected))}). "
+            f"Is this the right file for size {info.size}?"
+        )
+    if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)) or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{info.path}: {split}_labels has shape {labels.shape} and dtype {labels.dtype}; "
+            f"expected integer labels of shape (N, 1) or (N,)."
+        )
+    if labels.shape[0] != images.shape[0]:
+        raise DataError(
+            f"{info.path}: {split}_images has {images.shape[0]} volumes (shape {images.shape}) but "
+            f"{split}_labels has {labels.shape[0]} labels (shape {labels.shape})."
+        )
+    flat = labels.reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= info.num_classes):
+        raise DataError(
+            f"{info.path}: {split}_labels (shape {labels.shape}) has values in [{flat.min()}, {flat.max()}]; "
+            f"{info.name} has {info.num_classes} classes, so labels must lie in [0, {info.num_classes - 1}]."
+        )
+    return flat
+
+
+def _read_npz(info: DatasetInfo, splits: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read and check the requested splits of the dataset file."""
+    assert info.path is not None
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        with np.load(info.path, allow_pickle=False) as npz:
+            available = set(npz.files)
+            for split in splits:
+                missing = [key for key in (f"{split}_images", f"{split}_labels") if key not in available]
+                if missing:
+                    raise DataError(
+                        f"{info.path} has no key {', '.join(missing)} (keys: {', '.join(sorted(available))}). "
+                        f"Delete it and download it again (expected MD5 {info.md5}, from {info.url})."
+                    )
+                arrays[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
+    except DataError:
+        raise
+    except AttributeError as error:  # np.load returned a plain array: a .npy file, not an archive
+        raise _corrupt_file_error(info, error) from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise _corrupt_file_error(info, error) from error
+    return arrays
+
+
+def _warn_unofficial_sizes(info: DatasetInfo, sizes: dict[str, int]) -> None:
+    assert info.path is not None
+    differing = {split: n for split, n in sizes.items() if n != info.n_samples.get(split)}
+    if not differing or info.path in _size_warned:
+        return
+    _size_warned.add(info.path)
+    found = ", ".join(f"{split}={n}" for split, n in differing.items())
+    official = ", ".join(f"{split}={info.n_samples[split]}" for split in differing)
+    warnings.warn(
+        f"{info.path}: split sizes {found} differ from the official {info.name} sizes {official}. "
+        f"This is not the released file (expected MD5 {info.md5}).",
+        stacklevel=3,
+    )
+
+
+def load_splits(
+    name: str,
+    *,
+    root: str | Path,
+    size: int = 28,
+    download: bool = True,
+    splits: Sequence[str] = SPLIT_NAMES,
+) -> dict[str, Split]:
+    """Load the requested splits of dataset `name` into memory, keyed by split name.
+
+    Real datasets are read from ``root/<name>.npz`` (``<name>_64.npz`` for size 64), which is
+    downloaded first when missing and `download` is true. The file's structure is checked
+    (not its MD5, see `data_md5`); any problem raises DataError. `synthetic3d` is generated in
+    memory and ignores `root` and `download`.
+    """
+    info = dataset_info(name, size=size, root=root)
+    splits = tuple(splits)
+    unknown = [split for split in splits if split not in SPLIT_NAMES]
+    if unknown:
+        raise DataError(f"Unknown split(s) {', '.join(map(repr, unknown))}: choose from {', '.join(SPLIT_NAMES)}.")
+
+    if info.is_synthetic:
+        result = {}
+        for split in splits:
+            images, labels = make_synthetic_split(split, size)
+            result[split] = Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        return result
+
+    assert info.path is not None and info.url is not None and info.md5 is not None
+    if not info.path.is_file():
+        if not download:
+            raise _missing_file_error(info)
+        _download.download_file(info.url, info.path, info.md5)
+
+    result = {}
+    for split, (images, labels) in _read_npz(info, splits).items():
+        flat_labels = _check_split(info, split, images, labels)
+        # (N, S, S, S) -> (N, 1, S, S, S): a view, the stored axis order is kept.
+        result[split] = Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(flat_labels))
+    _warn_unofficial_sizes(info, {split: len(data) for split, data in result.items()})
+    return result
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    device: Device = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches of `split`.
+
+    `x` is float32 in [0, 1] (the uint8 values divided by 255) of shape (B, C, S, S, S) and `y`
+    is int64 (B,), both on `device` (default: where the split is). Without `shuffle` the
+    batches follow the dataset order; with it the order is ``torch.randperm(N, generator=generator)``
+    (a CPU generator). The last, smaller batch is yielded unless `drop_last`. The uint8 images
+    are indexed first, moved to `device`, and only then converted to float.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, n)
+        if order is None:
+            images, labels = split.images[start:end], split.labels[start:end]
+        else:
+            index = order[start:end].to(split.images.device)
+            images, labels = split.images[index], split.labels[index]
+        if device is not None:
+            images, labels = images.to(device), labels.to(device)
+        yield images.to(torch.float32).div_(255.0), labels
+
+
+def data_md5(name: str, *, root: str | Path, size: int = 28) -> str | None:
+    """MD5 of the dataset file, to record provenance; None for `synthetic3d`.
+
+    Computed once per process for each (path, modification time, file size).
+    """
+    info = dataset_info(name, size=size, root=root)
+    if info.is_synthetic:
+        return None
+    assert info.path is not None
+    try:
+        stat = info.path.stat()
+    except FileNotFoundError:
+        raise _missing_file_error(info) from None
+    key = (str(info.path), stat.st_mtime_ns, stat.st_size)
+    if key not in _md5_cache:
+        _md5_cache[key] = _download.file_md5(info.path)
+    return _md5_cache[key]

@@ -1,0 +1,46 @@
+"""Helpers shared by the test files (no network, no ../shared)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data import dataset_info
+
+SPLITS = ("train", "val", "test")
+
+
+def write_fake_medmnist(
+    root: str | Path,
+    name: str,
+    size: int = 28,
+    n: Sequence[int] | str = (8, 4, 4),
+    num_classes: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a MedMNIST-format .npz for dataset `name` under `root`, where `load_splits` looks; return its path.
+
+    `n` gives the (train, val, test) sizes, or "official" for the released split sizes. Images
+    are uint8 (N, size, size, size): zeros except random values in a small corner cube, so large
+    files compress well. Labels are uint8 (N, 1), cycling through all `num_classes` classes
+    (default: the dataset's number of classes) in a random order.
+    """
+    info = dataset_info(name, size=size, root=root)
+    if info.path is None:
+        raise ValueError(f"{name} has no file")
+    counts = [info.n_samples[split] for split in SPLITS] if n == "official" else list(n)
+    classes = info.num_classes if num_classes is None else num_classes
+    rng = np.random.default_rng(seed)
+    corner = max(1, size // 7)
+    arrays: dict[str, np.ndarray] = {}
+    for split, count in zip(SPLITS, counts):
+        images = np.zeros((count, size, size, size), dtype=np.uint8)
+        images[:, :corner, :corner, :corner] = rng.integers(0, 256, size=(count, corner, corner, corner), dtype=np.uint8)
+        labels = rng.permutation(np.arange(count) % classes).astype(np.uint8).reshape(count, 1)
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels
+    info.path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(info.path, **arrays)
+    return info.path
