@@ -18,7 +18,7 @@ def package_versions() -> dict[str, str]:
     """Versions of the packages a result depends on (recorded in every checkpoint and run summary)."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name in ("medmnist", "numpy", "scikit-learn"):
         try:
             out[name] = md.version(name)

@@ -19,7 +19,7 @@ def predict_scores(model: torch.nn.Module, split: Split, *, batch_size: int, dev
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and torch.device(device).type == "cuda")
     with autocast:
         for x, _ in tqdm(batches(split, batch_size, device=device), total=-(-len(split) // batch_size),
-                         desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
+                         desc=desc, leave=False, disable=True if desc is None else None, dynamic_ncols=True):
             scores.append(model(x).float().softmax(dim=-1).cpu())
     return torch.cat(scores).numpy()
 

@@ -56,8 +56,10 @@ class MixerProcessor(nn.Module):
     """MLP-Mixer block applied `repeats` times, then LayerNorm.
 
     Token mixing acts over the processor's own token count (hidden 6 × tokens) and channel mixing over D
-    (hidden 3D), each with a residual connection, one LayerNorm shared as in the original. The original
-    sized token mixing for 8 tokens, which breaks LMTTM's 24; here it is sized from `num_tokens`.
+    (hidden 3D), with the standard Mixer residuals x += token(norm(x)); x += channel(norm(x)). Kept from the
+    original: the hidden sizes, the GELU after each MLP and one LayerNorm shared by both mixings. Changed:
+    the original sized token mixing for 8 tokens (it breaks LMTTM's 24; here it follows `num_tokens`) and
+    added its channel residual to the block input instead of the token-mixed tensor.
     """
 
     def __init__(self, *, dim: int, num_tokens: int, heads: int, dropout: float, repeats: int,
