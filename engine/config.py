@@ -309,6 +309,9 @@ def describe_config(model_names=None) -> str:
 
     for name, cls in SECTIONS.items():
         table(name, cls)
+    groups: dict[type, list[str]] = {}  # models sharing one config dataclass share one table
     for name in model_names or sorted(MODELS):
-        table(f"model` with `name: {name}", get_model_entry(name).config_cls)
+        groups.setdefault(get_model_entry(name).config_cls, []).append(name)
+    for cls, names in groups.items():
+        table(f"model` with `name` one of: `{'`, `'.join(names)}", cls)
     return "\n".join(lines)

@@ -121,3 +121,13 @@ def test_resolved_config_round_trips():
     assert cfg.model.compat_random_pos and cfg.model.compat_global_pointer  # the preset switches all on
     again = config_from_dict([("saved", config_to_dict(cfg))])
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_readme_lists_every_config_key():
+    from pathlib import Path
+
+    from engine.config import describe_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("<!-- config-keys:start -->")[1].split("<!-- config-keys:end -->")[0]
+    assert section.strip() == describe_config().strip(), "README is stale: regenerate it from describe_config()"
