@@ -1,0 +1,475 @@
+"""Tests of the experiment tooling (tools/sweep.py, tools/aggregate.py, tools/plots.py) with a fake engine:
+no training, no data, no ../shared."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools import aggregate, plots, sweep  # noqa: E402
+
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a fake engine
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_cmd(cmd):
+    """(script, config, {'section.key': value}) of a train.py / predict.py command line."""
+    script, config, rest = Path(cmd[1]).name, cmd[2], list(cmd[3:])
+    settings = {}
+    for key, value in zip(rest[::2], rest[1::2]):
+        try:
+            settings[key[2:]] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key[2:]] = value
+    return script, config, settings
+
+
+def nested(settings):
+    out = {}
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def write_fake_run(run_dir, settings, auc=0.8, acc=0.75, train=True, evaluate=True, epochs=3, config=None):
+    """The files of a run as the engine writes them; with `config`, also the sweep's settings record."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        sweep.write_settings(run_dir, config, settings)
+    (run_dir / "config.json").write_text(json.dumps(nested(settings)))
+    (run_dir / "last.pt").write_bytes(b"fake")
+    with open(run_dir / "metrics.csv", "w") as f:
+        f.write("epoch,train_loss,val_auc,val_acc,lr,time_s\n")
+        for e in range(1, epochs + 1):
+            f.write(f"{e},{1.0 / e:.4f},{0.5 + 0.1 * e:.4f},{0.6 + 0.05 * e:.4f},0.0001,1.0\n")
+    if train:
+        (run_dir / "train_summary.json").write_text(json.dumps(
+            {"finished": True, "epochs": epochs, "best_epoch": epochs, "best_val_auc": 0.8, "param_count": 1234,
+             "data_md5": "x", "versions": {}, "seconds": 1.0}))
+    if evaluate:
+        ev = run_dir / "eval" / "test"
+        ev.mkdir(parents=True, exist_ok=True)
+        (ev / "metrics.json").write_text(json.dumps(
+            {"split": "test", "auc": auc, "acc": acc, "checkpoint": "best.pt", "protocol": "best_val_auc",
+             "n_samples": 10, "dataset": settings.get("data.name"), "size": 28}))
+        rng = np.random.default_rng(0)
+        y_true = np.array([0, 1] * 5)
+        p1 = np.clip(0.3 * y_true + rng.uniform(0, 0.7, 10), 0, 1)
+        np.savez(ev / "predictions.npz", y_true=y_true, y_score=np.stack([1 - p1, p1], 1))
+
+
+class FakeEngine:
+    """Stands in for train.py / predict.py: writes the files the real engine writes."""
+
+    def __init__(self, fail=(), fail_step="train"):
+        self.calls = []           # (script, run name)
+        self.fail = set(fail)     # run names whose `fail_step` exits 3
+        self.fail_step = fail_step
+
+    def __call__(self, cmd, cwd, log_path):
+        script, config, s = parse_cmd(cmd)
+        name = s["output.name"]
+        self.calls.append((script, name))
+        assert Path(log_path).parent.name == name
+        with open(log_path, "a") as log:
+            log.write(f"fake {script} {name}\n")
+        run_dir = Path(cwd) / s["output.dir"] / name
+        if name in self.fail and script.startswith(self.fail_step):
+            with open(log_path, "a") as log:
+                log.write("RuntimeError: something broke\n")
+            return 3
+        settings = {k: v for k, v in s.items() if k not in ("split",)}
+        if script == "train.py":
+            write_fake_run(run_dir, settings, train=True, evaluate=False)
+        else:
+            assert s["split"] == "test" and (run_dir / "train_summary.json").exists()
+            write_fake_run(run_dir, settings, auc=0.7 + 0.01 * s["train.seed"], train=True, evaluate=True)
+        return 0
+
+
+def small_grid(**extra):
+    grid = {
+        "name": "small",
+        "datasets": ["adrenalmnist3d", "vesselmnist3d"],
+        "seeds": [0, 1],
+        "overrides": {"train.epochs": 5},
+        "variants": [
+            {"label": "lmttm", "overrides": {"model.name": "lmttm"}},
+            {"label": "resnet18_3d", "config": "baselines/resnet18_3d.json",
+             "overrides": {"model.name": "resnet18_3d"}},
+        ],
+        "axes": {"model.dim+model.memory_tokens": [[64, 64], [160, 160]]},
+    }
+    grid.update(extra)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grid expansion
+# ----------------------------------------------------------------------------------------------------------
+
+def test_expand_count_names_overrides_and_configs():
+    runs = sweep.expand(small_grid())
+    assert len(runs) == 2 * 2 * 2 * 2
+    names = [r.name for r in runs]
+    assert len(set(names)) == len(names)
+    assert names[0] == "adrenalmnist3d-lmttm-dim64-mem64-seed0"
+    assert names[1] == "adrenalmnist3d-lmttm-dim64-mem64-seed1"
+    assert "vesselmnist3d-resnet18_3d-dim160-mem160-seed1" in names
+    r = next(r for r in runs if r.name == "vesselmnist3d-resnet18_3d-dim160-mem160-seed1")
+    assert r.config == "baselines/resnet18_3d.json"
+    assert r.cell == "vesselmnist3d-resnet18_3d-dim160-mem160"
+    assert r.settings == {"train.epochs": 5, "model.name": "resnet18_3d", "model.dim": 160,
+                          "model.memory_tokens": 160, "data.name": "vesselmnist3d", "train.seed": 1}
+    assert r.coords == {"dataset": "vesselmnist3d", "variant": "resnet18_3d", "model.dim": 160,
+                        "model.memory_tokens": 160}
+    assert runs[0].config == "adrenalmnist3d.json"
+
+
+def test_commands_use_overrides_only(tmp_path):
+    run = sweep.expand(small_grid())[0]
+    train, predict = sweep.commands(run, tmp_path / "out", extra={"train.epochs": 1, "data.root": "../d"},
+                                    python="PY")
+    assert train[:3] == ["PY", "train.py", "config/adrenalmnist3d.json"]
+    assert predict[:2] == ["PY", "predict.py"] and predict[-2:] == ["--split", "test"]
+    _, _, s = parse_cmd(train)
+    assert s["train.epochs"] == 1            # --override wins over the grid
+    assert s["data.root"] == "../d"
+    assert s["model.dim"] == 64 and s["model.memory_tokens"] == 64 and s["train.seed"] == 0
+    assert s["output.name"] == run.name and s["output.dir"] == str((tmp_path / "out").resolve())
+    assert train.count("--train.epochs") == 1
+
+
+def test_axis_labels_and_value_formats():
+    grid = {"name": "g", "datasets": ["d"], "seeds": [3],
+            "overrides": {"model.name": "lmttm"},
+            "axes": {"train.lr": [0.001, 1e-4], "model.noise": ["uniform"], "train.batch_size": [16]},
+            "labels": {"train.batch_size": "batch"}}
+    names = [r.name for r in sweep.expand(grid)]
+    assert names == ["d-lmttm-lr0.001-noise_uniform-batch16-seed3", "d-lmttm-lr0.0001-noise_uniform-batch16-seed3"]
+
+
+def test_subgrids_and_model_axis():
+    grid = {"name": "g", "seeds": [0], "overrides": {"train.epochs": 7},
+            "subgrids": [{"datasets": ["a"], "axes": {"model.name": ["ttm", "lmttm"], "model.dim": [352]}},
+                         {"datasets": ["b"], "axes": {"model.name": ["ttm"], "model.dim": [256]},
+                          "overrides": {"train.lr": 0.5}}]}
+    runs = sweep.expand(grid)
+    assert [r.name for r in runs] == ["a-ttm-dim352-seed0", "a-lmttm-dim352-seed0", "b-ttm-dim256-seed0"]
+    assert runs[2].settings["train.epochs"] == 7 and runs[2].settings["train.lr"] == 0.5
+    assert "train.lr" not in runs[0].settings
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"datasets": []}, "datasets"),
+    ({"overrides": {"train.seed": 1}}, "set by the sweep"),
+    ({"overrides": {"epochs": 1}}, "section.key"),
+    ({"axes": {"model.dim+model.memory_tokens": [[64]]}}, "list of 2 values"),
+    ({"variants": [{"label": "x"}, {"label": "x"}]}, "share the directory"),
+    ({"colour": 1}, "unknown grid keys"),
+])
+def test_bad_grids_are_rejected(bad, message):
+    with pytest.raises(sweep.GridError, match=message):
+        sweep.expand(small_grid(**bad))
+
+
+def test_paper_keys_must_be_cells():
+    with pytest.raises(sweep.GridError, match="not a cell"):
+        sweep.validate_grid(small_grid(paper={"values": {"adrenalmnist3d-lmttm": {"acc": 0.8}}}))
+    sweep.validate_grid(small_grid(paper={"values": {"adrenalmnist3d-lmttm-dim64-mem64": {"acc": 0.8}}}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running: skip finished, resume, failures
+# ----------------------------------------------------------------------------------------------------------
+
+def test_sweep_runs_then_skips_finished(tmp_path):
+    runs = sweep.expand(small_grid())
+    engine = FakeEngine()
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=lambda *a: None)
+    assert result.exit_code == 0 and len(result.done) == len(runs) and not result.failed
+    assert len(engine.calls) == 2 * len(runs)
+    for run in runs:
+        d = tmp_path / "out" / run.name
+        assert sweep.is_finished(d)
+        assert (d / "sweep.log").read_text().count("fake") == 2
+    again = FakeEngine()
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=again, cwd=tmp_path, log=lambda *a: None)
+    assert again.calls == [] and len(result.skipped) == len(runs) and result.exit_code == 0
+
+
+def test_sweep_resumes_unfinished_and_only_evaluates_trained(tmp_path):
+    runs = sweep.expand(small_grid())
+    out = tmp_path / "out"
+    interrupted, trained, finished = runs[0], runs[1], runs[2]
+    write_fake_run(out / interrupted.name, interrupted.settings, train=False, evaluate=False)
+    write_fake_run(out / trained.name, trained.settings, train=True, evaluate=False)
+    write_fake_run(out / finished.name, finished.settings, train=True, evaluate=True)
+    engine = FakeEngine()
+    result = sweep.run_sweep(runs[:3], out, runner=engine, cwd=tmp_path, log=lambda *a: None)
+    assert engine.calls == [("train.py", interrupted.name), ("predict.py", interrupted.name),
+                            ("predict.py", trained.name)]
+    assert result.skipped == [finished.name] and result.done == [interrupted.name, trained.name]
+
+
+def test_failing_run_does_not_stop_the_rest(tmp_path, capsys):
+    runs = sweep.expand(small_grid())
+    bad = runs[1].name
+    engine = FakeEngine(fail={bad})
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=print)
+    assert [f[0] for f in result.failed] == [bad] and result.exit_code == 1
+    assert len(result.done) == len(runs) - 1
+    assert ("predict.py", bad) not in engine.calls          # no evaluation after a failed training
+    assert "something broke" in (tmp_path / "out" / bad / "sweep.log").read_text()
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "something broke" in printed
+    assert bad in sweep.summary_text(result)
+
+
+def test_predict_failure_is_reported(tmp_path):
+    runs = sweep.expand(small_grid())[:2]
+    engine = FakeEngine(fail={runs[0].name}, fail_step="predict")
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=lambda *a: None)
+    assert result.failed[0][0] == runs[0].name and "predict.py" in result.failed[0][1]
+    assert result.done == [runs[1].name]
+
+
+def test_existing_run_with_other_settings_is_not_reused(tmp_path):
+    runs = sweep.expand(small_grid())[:2]
+    out = tmp_path / "out"
+    write_fake_run(out / runs[0].name, {**runs[0].settings, "train.epochs": 2})   # swept with another setting
+    engine = FakeEngine()
+    result = sweep.run_sweep(runs, out, runner=engine, cwd=tmp_path, log=lambda *a: None)
+    assert [f[0] for f in result.failed] == [runs[0].name] and "train.epochs" in result.failed[0][1]
+    assert all(name != runs[0].name for _, name in engine.calls)
+    # with the same --override the run matches and counts as finished
+    result = sweep.run_sweep(runs[:1], out, extra={"train.epochs": 2}, runner=FakeEngine(), cwd=tmp_path,
+                             log=lambda *a: None)
+    assert result.skipped == [runs[0].name]
+
+
+def test_main_cli_only_max_runs_dry_run_and_exit_code(tmp_path, capsys):
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    engine = FakeEngine()
+    rc = sweep.main([str(grid_path), "--out", str(out), "--dry-run"], runner=engine)
+    assert rc == 0 and engine.calls == [] and not out.exists()
+    assert "train.py config/adrenalmnist3d.json" in capsys.readouterr().out
+
+    rc = sweep.main([str(grid_path), "--out", str(out), "--only", "vessel", "--max-runs", "3",
+                     "--override", "train.epochs=1"], runner=engine)
+    assert rc == 0
+    assert [n for s, n in engine.calls if s == "train.py"] == [
+        "vesselmnist3d-lmttm-dim64-mem64-seed0", "vesselmnist3d-lmttm-dim64-mem64-seed1",
+        "vesselmnist3d-lmttm-dim160-mem160-seed0"]
+    cfg = json.loads((out / "vesselmnist3d-lmttm-dim64-mem64-seed0" / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 1 and cfg["model"]["dim"] == 64
+
+    failing = FakeEngine(fail={"adrenalmnist3d-lmttm-dim64-mem64-seed0"})
+    rc = sweep.main([str(grid_path), "--out", str(out), "--override", "train.epochs=1"], runner=failing)
+    assert rc == 1
+    text = capsys.readouterr().out
+    assert "1 failed" in text and "adrenalmnist3d-lmttm-dim64-mem64-seed0" in text
+    assert len([1 for s, _ in failing.calls if s == "train.py"]) == 16 - 3   # the three above were finished
+
+    assert sweep.main([str(tmp_path / "missing.json")]) == 2   # unreadable grid: an error message, not a crash
+
+
+def test_subprocess_runner_logs_and_returns_status(tmp_path):
+    log = tmp_path / "run.log"
+    rc = sweep.subprocess_runner([sys.executable, "-c", "import sys; print('hello'); sys.exit(4)"], tmp_path, log)
+    assert rc == 4
+    text = log.read_text()
+    assert "hello" in text and "$ " in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------------------
+
+def agg_grid():
+    return {"name": "agg", "datasets": ["ds1", "ds2"], "seeds": [0, 1, 2],
+            "variants": [{"label": "ttm", "title": "TTM", "overrides": {"model.name": "ttm"}},
+                         {"label": "lmttm", "title": "LMTTM", "overrides": {"model.name": "lmttm"}}],
+            "table": {"rows": ["variant"], "cols": ["dataset"], "average_over": "dataset"},
+            "paper": {"source": "test", "values": {"ds1-lmttm": {"auc": 0.81, "acc": 0.7},
+                                                   "mean-ttm": {"acc": 0.5}}}}
+
+
+def make_agg_runs(out):
+    runs = {r.name: r for r in sweep.expand(agg_grid())}
+    for seed, auc in zip((0, 1, 2), (0.80, 0.82, 0.84)):
+        r = runs[f"ds1-lmttm-seed{seed}"]
+        write_fake_run(out / r.name, r.settings, auc=auc, acc=0.7)
+    write_fake_run(out / "ds1-ttm-seed0", runs["ds1-ttm-seed0"].settings, auc=0.6, acc=0.55)
+    write_fake_run(out / "ds2-ttm-seed0", runs["ds2-ttm-seed0"].settings, auc=0.7, acc=0.65)
+    write_fake_run(out / "ds2-ttm-seed1", runs["ds2-ttm-seed1"].settings, auc=0.9, acc=0.85)
+    # unfinished (no eval) and one with other settings: neither counts
+    write_fake_run(out / "ds2-lmttm-seed0", runs["ds2-lmttm-seed0"].settings, evaluate=False)
+    r = runs["ds2-lmttm-seed1"]     # swept with --override train.epochs=2 (the grid does not set epochs)
+    write_fake_run(out / r.name, {**r.settings, "train.epochs": 2}, config=r.config)
+    r = runs["ds2-lmttm-seed2"]     # a directory of another model
+    write_fake_run(out / r.name, {**r.settings, "model.name": "ttm"})
+
+
+def test_aggregate_mean_std_seeds_missing_paper_and_diff(tmp_path):
+    make_agg_runs(tmp_path)
+    agg = aggregate.aggregate(agg_grid(), tmp_path)
+    cells = {c.name: c for c in agg.cells}
+    assert list(cells) == ["ds1-ttm", "ds1-lmttm", "ds2-ttm", "ds2-lmttm", "mean-ttm", "mean-lmttm"]
+    c = cells["ds1-lmttm"]
+    assert c.n == 3 and c.status == "complete"
+    assert c.mean("auc") == pytest.approx(0.82) and c.std("auc") == pytest.approx(0.02)   # ddof = 1
+    assert c.diff("auc") == pytest.approx(0.01) and c.diff("acc") == pytest.approx(0.0)
+    assert cells["ds1-ttm"].n == 1 and cells["ds1-ttm"].std("auc") is None
+    assert aggregate.fmt_ours(cells["ds1-ttm"], "auc") == "0.600 ± n/a"
+    assert cells["ds2-lmttm"].n == 0 and cells["ds2-lmttm"].status == "missing"
+    assert aggregate.fmt_ours(cells["ds2-lmttm"], "auc") == "missing"
+    assert cells["ds2-ttm"].status == "partial" and cells["ds2-ttm"].mean("acc") == pytest.approx(0.75)
+    # mean over datasets on the seeds every dataset has: ttm seed 0 only
+    assert cells["mean-ttm"].seeds == [0] and cells["mean-ttm"].mean("auc") == pytest.approx(0.65)
+    assert cells["mean-ttm"].diff("acc") == pytest.approx(0.1)
+    assert cells["mean-lmttm"].n == 0
+    assert [n for n, _ in agg.excluded] == ["ds2-lmttm-seed1", "ds2-lmttm-seed2"]
+    assert "train.epochs" in agg.excluded[0][1] and "model.name" in agg.excluded[1][1]
+    # aggregated with the same --override, the epochs=2 run counts
+    agg = aggregate.aggregate(agg_grid(), tmp_path, {"train.epochs": 2})
+    assert {c.name: c.n for c in agg.cells}["ds2-lmttm"] == 1
+    assert "ds2-lmttm-seed0" in agg.unfinished
+
+
+def test_aggregate_writes_markdown_and_csv(tmp_path):
+    runs_dir, out = tmp_path / "runs", tmp_path / "tables"
+    make_agg_runs(runs_dir)
+    grid_path = tmp_path / "agg.json"
+    grid_path.write_text(json.dumps(agg_grid()))
+    assert aggregate.main([str(grid_path), "--runs", str(runs_dir), "--out", str(out)]) == 0
+    with open(out / "table.csv") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    r = rows["ds1-lmttm"]
+    assert r["n_seeds"] == "3" and r["seeds"] == "0 1 2" and r["status"] == "complete"
+    assert float(r["auc_mean"]) == pytest.approx(0.82) and float(r["auc_std"]) == pytest.approx(0.02)
+    assert float(r["paper_auc"]) == pytest.approx(0.81) and float(r["diff_auc"]) == pytest.approx(0.01)
+    assert r["param_count"] == "1234"
+    assert rows["ds2-lmttm"]["n_seeds"] == "0" and rows["ds2-lmttm"]["status"] == "missing"
+    assert rows["ds2-lmttm"]["auc_mean"] == "" and rows["ds1-ttm"]["paper_auc"] == ""
+    md = (out / "table.md").read_text()
+    assert "0.820 ± 0.020" in md and "+0.010" in md and "0.600 ± n/a" in md and "missing" in md
+    assert "| LMTTM |" in md and "n/a" in md and "excluded ds2-lmttm-seed1" in md
+    assert "ddof = 1" in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shipped grids
+# ----------------------------------------------------------------------------------------------------------
+
+EXPECTED_RUNS = {"table2": 6 * 8 * 3, "table4": 2 * 3 * 3, "table5": 2 * 3 * 3, "table6": 2 * 3 * 3,
+                 "table7": 6 * 7 * 3, "table8": 2 * 2 * 16 * 3, "table9": 2 * 2 * 3 * 3}
+
+
+def test_shipped_grids_are_all_there():
+    assert {p.stem for p in EXPERIMENTS} >= set(EXPECTED_RUNS)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_grid_expands_and_its_configs_exist(path):
+    grid = sweep.load_grid(path)
+    runs = sweep.validate_grid(grid)
+    assert grid["name"] == path.stem
+    if path.stem in EXPECTED_RUNS:
+        assert len(runs) == EXPECTED_RUNS[path.stem]
+    assert all(r.seed in (0, 1, 2) for r in runs)
+    missing = sorted({r.config for r in runs if not r.config_path.is_file()})
+    assert not missing, f"config files missing under config/: {missing}"
+    assert (grid.get("paper") or {}).get("values"), "a shipped grid carries the paper's values"
+
+
+def test_table9_cells_are_table8_cells():
+    g8, g9 = (sweep.load_grid(ROOT / "experiments" / f"table{i}.json") for i in (8, 9))
+    runs8 = {r.name: r.settings for r in sweep.expand(g8)}
+    assert sweep.runs_dir_of(g9) == sweep.runs_dir_of(g8)
+    for r in sweep.expand(g9):
+        assert runs8[r.name] == r.settings
+
+
+def test_shipped_grid_settings_resolve_in_the_engine():
+    """Every run's config file + overrides is a valid engine config (keys, types, model names)."""
+    config = pytest.importorskip("engine.config")
+    seen = set()
+    for path in EXPERIMENTS:
+        for r in sweep.expand(sweep.load_grid(path)):
+            key = (r.config, json.dumps({k: v for k, v in r.settings.items() if k != "train.seed"}, sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            cfg = config.load_config(r.config_path, nested(r.settings))
+            assert cfg.data.name == r.dataset
+            assert cfg.model_name == r.settings.get("model.name", cfg.model_name)
+            for k, v in r.settings.items():
+                section, _, name = k.partition(".")
+                got = config.config_to_dict(cfg)[section][name]
+                assert got == v or got == pytest.approx(v), f"{path.stem} {r.name}: {k} = {got!r}, wanted {v!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------
+
+def test_plots_without_matplotlib_give_a_clear_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(plots.MissingDependency, match="pip install matplotlib"):
+        plots._pyplot()
+
+
+def test_run_plots_write_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    binary = tmp_path / "binary"
+    write_fake_run(binary, {"data.name": "adrenalmnist3d"})
+    written = plots.plot_run(binary)
+    assert {p.name for p in written} == {"curves.png", "roc_test.png"}
+    multi = tmp_path / "multi"
+    write_fake_run(multi, {"data.name": "fracturemnist3d"})
+    y = np.array([0, 1, 2] * 4)
+    scores = np.random.default_rng(1).dirichlet(np.ones(3), size=len(y))
+    np.savez(multi / "eval" / "test" / "predictions.npz", y_true=y, y_score=scores)
+    assert plots.plot_roc(multi) == multi / "roc_test.png"
+    for p in written + [multi / "roc_test.png"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.plot_run(tmp_path / "empty") == []
+
+
+def test_table_plots_bars_and_heatmaps(tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = {"name": "heat", "datasets": ["adrenalmnist3d"], "seeds": [0],
+            "axes": {"model.name": ["ttm", "lmttm"], "model.memory_tokens": [64, 160], "model.dim": [64, 160]},
+            "table": {"groups": ["dataset"], "rows": ["model.memory_tokens"], "cols": ["model.dim", "model.name"],
+                      "heatmap": {"rows": "model.memory_tokens", "cols": "model.dim", "panels": "model.name"}},
+            "paper": {"values": {"adrenalmnist3d-ttm-mem64-dim64": {"acc": 0.771}}}}
+    runs_dir = tmp_path / "runs"
+    for i, r in enumerate(sweep.expand(grid)):
+        if r.name != "adrenalmnist3d-lmttm-mem160-dim160-seed0":   # one seed missing somewhere
+            write_fake_run(runs_dir / r.name, r.settings, auc=0.7 + 0.01 * i, acc=0.75 + 0.005 * i)
+    grid_path = tmp_path / "heat.json"
+    grid_path.write_text(json.dumps(grid))
+    out = tmp_path / "tables"
+    assert aggregate.main([str(grid_path), "--runs", str(runs_dir), "--out", str(out), "--plots"]) == 0
+    assert (out / "bars.png").is_file() and (out / "heatmap_adrenalmnist3d.png").is_file()
+    assert (runs_dir / "adrenalmnist3d-ttm-mem64-dim64-seed0" / "curves.png").is_file()
+    assert (runs_dir / "adrenalmnist3d-ttm-mem64-dim64-seed0" / "roc_test.png").is_file()
+    md = (out / "table.md").read_text()
+    assert "### ACC — dataset adrenalmnist3d" in md and "0.771" in md

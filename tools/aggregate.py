@@ -1,0 +1,388 @@
+"""Collect the finished runs of a grid into a table beside the paper's numbers.
+
+    python tools/aggregate.py experiments/table8.json                  # -> sweeps/table8/table.md, table.csv
+    python tools/aggregate.py experiments/table8.json --plots          # + PNGs (needs matplotlib)
+    python tools/aggregate.py experiments/table4.json --override train.epochs=2   # runs swept with that override
+
+For each run of the grid (see tools/sweep.py) the test AUC and ACC are read from
+`<run dir>/eval/test/metrics.json`; a run counts only when its `train_summary.json` says finished and
+that file exists, and only when its `sweep_settings.json` and `config.json` agree with the grid's
+settings plus the given `--override`s, exactly as tools/sweep.py checks before reusing a directory
+(other runs are listed as excluded in the notes of table.md). Nothing is filled in by hand.
+
+Per cell (a run name without `-seed<s>`): the number of seeds found, the mean and the sample standard
+deviation (ddof = 1) over seeds of AUC and ACC; with one seed the deviation is written "± n/a", with none
+the cell is "missing". The paper's value (grid "paper.values", keyed by cell) stands beside ours with
+Δ = ours − paper, or "n/a" where the paper has no value. With `"average_over": "dataset"` a cell
+`mean-...` is added per model line: for each seed present in every dataset, the mean over datasets, then
+mean ± std over those seeds (the paper's Table 3); it is "missing" unless every dataset has a seed in common.
+
+Outputs (in --out, default sweeps/<grid name>):
+- `table.csv`: one row per cell: cell, its coordinates, n_seeds, seeds, auc_mean, auc_std, acc_mean,
+  acc_std, paper_auc, paper_acc, diff_auc, diff_acc, param_count, status (complete/partial/missing).
+- `table.md`: the grid's layout (table.rows x table.cols, one table per table.groups value and metric,
+  each entry "ours mean ± std (seeds) / paper"), then every cell with Δ, then notes.
+
+The grid's "table" object: "rows", "cols", "groups" (lists of coordinates: "dataset", "variant" and the
+axis keys), "metrics" (["auc", "acc"] by default), "average_over" ("dataset" or absent), "titles"
+(display names of coordinates) and "heatmap" ({"rows", "cols", "panels", "metric"}) for tools/plots.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools import sweep  # noqa: E402
+
+METRICS = ("auc", "acc")
+METRIC_TITLE = {"auc": "AUC", "acc": "ACC"}
+
+
+@dataclass
+class Cell:
+    name: str
+    coords: dict
+    title: str = ""                                  # the variant's display title
+    expected: int = 0                                # seeds the grid asks for
+    seeds: list = field(default_factory=list)        # seeds found
+    values: dict = field(default_factory=lambda: {m: [] for m in METRICS})   # metric -> per-seed values
+    params: list = field(default_factory=list)
+    paper: dict = field(default_factory=dict)
+    run_dirs: list = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def status(self) -> str:
+        return "missing" if self.n == 0 else "complete" if self.n >= self.expected else "partial"
+
+    def mean(self, metric) -> Optional[float]:
+        v = self.values[metric]
+        return statistics.fmean(v) if v else None
+
+    def std(self, metric) -> Optional[float]:
+        v = self.values[metric]
+        return statistics.stdev(v) if len(v) > 1 else None
+
+    def diff(self, metric) -> Optional[float]:
+        m, p = self.mean(metric), self.paper.get(metric)
+        return None if m is None or p is None else m - p
+
+    def param_count(self):
+        distinct = sorted(set(self.params))
+        return distinct[0] if len(distinct) == 1 else None
+
+
+@dataclass
+class Aggregate:
+    grid: dict
+    runs_dir: Path
+    cells: list
+    extra: dict
+    excluded: list = field(default_factory=list)     # (run name, reason)
+    unfinished: list = field(default_factory=list)   # run names without results
+
+    @property
+    def table(self) -> dict:
+        return self.grid.get("table") or {}
+
+    def coord_keys(self) -> list:
+        keys = []
+        for c in self.cells:
+            keys += [k for k in c.coords if k not in keys]
+        return keys
+
+
+def read_run(run_dir: Path) -> Optional[dict]:
+    """{'auc', 'acc', 'param_count'} of a finished, evaluated run, else None."""
+    if not sweep.is_finished(run_dir):
+        return None
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    return {"auc": float(metrics["auc"]), "acc": float(metrics["acc"]), "param_count": summary.get("param_count")}
+
+
+def aggregate(grid: dict, runs_dir: Path, extra: Optional[dict] = None) -> Aggregate:
+    runs = sweep.validate_grid(grid)
+    paper = (grid.get("paper") or {}).get("values") or {}
+    agg = Aggregate(grid=grid, runs_dir=Path(runs_dir), cells=[], extra=dict(extra or {}))
+    by_name: dict[str, Cell] = {}
+    for run in runs:
+        cell = by_name.get(run.cell)
+        if cell is None:
+            cell = by_name[run.cell] = Cell(name=run.cell, coords=dict(run.coords), title=run.variant_title,
+                                            paper=dict(paper.get(run.cell, {})))
+            agg.cells.append(cell)
+        cell.expected += 1
+        run_dir = Path(runs_dir) / run.name
+        mismatch = sweep.run_mismatches(run_dir, run, extra)
+        if mismatch:
+            agg.excluded.append((run.name, "; ".join(mismatch)))
+            continue
+        result = read_run(run_dir)
+        if result is None:
+            agg.unfinished.append(run.name)
+            continue
+        cell.seeds.append(run.seed)
+        for m in METRICS:
+            cell.values[m].append(result[m])
+        if result["param_count"] is not None:
+            cell.params.append(result["param_count"])
+        cell.run_dirs.append(run_dir)
+    if (grid.get("table") or {}).get("average_over") == "dataset":
+        agg.cells += _averages(runs, by_name, paper)
+    return agg
+
+
+def _averages(runs, by_name, paper) -> list:
+    groups: dict[str, list] = {}
+    for run in runs:
+        members = groups.setdefault(sweep.average_cell(run), [])
+        if by_name[run.cell] not in members:
+            members.append(by_name[run.cell])
+    out = []
+    for name, members in groups.items():
+        first = members[0]
+        avg = Cell(name=name, coords={**first.coords, "dataset": "mean"}, title=first.title,
+                   expected=min(c.expected for c in members), paper=dict(paper.get(name, {})))
+        common = set(members[0].seeds)
+        for c in members[1:]:
+            common &= set(c.seeds)
+        for seed in sorted(common):
+            avg.seeds.append(seed)
+            for m in METRICS:
+                avg.values[m].append(statistics.fmean(c.values[m][c.seeds.index(seed)] for c in members))
+        out.append(avg)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------------------------
+
+def fmt(x: Optional[float], signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def fmt_ours(cell: Cell, metric: str) -> str:
+    if cell.n == 0:
+        return "missing"
+    std = cell.std(metric)
+    return f"{cell.mean(metric):.3f} ± {'n/a' if std is None else f'{std:.3f}'}"
+
+
+def coord_text(cell: Cell, key: str) -> str:
+    value = cell.coords.get(key)
+    if key == "variant" and cell.title and value != "mean":
+        return cell.title
+    return "" if value is None else sweep.format_value(value)
+
+
+def _title(agg: Aggregate, key: str) -> str:
+    return (agg.table.get("titles") or {}).get(key, key)
+
+
+def _md_table(header: list, rows: list) -> list:
+    esc = [[str(x).replace("|", "\\|") for x in row] for row in [header] + rows]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return lines
+
+
+def _ordered(values):
+    return list(dict.fromkeys(values))
+
+
+def _sorted_keys(cells: list, keys: list) -> list:
+    """Distinct value tuples of `keys`, ordered key by key, each key's values in order of first appearance
+    (so cols ["model.dim", "model.name"] give 64/ttm, 64/lmttm, 160/ttm, ... as in the paper)."""
+    order = {k: {v: i for i, v in enumerate(_ordered(coord_text(c, k) for c in cells))} for k in keys}
+    values = _ordered(tuple(coord_text(c, k) for k in keys) for c in cells)
+    return sorted(values, key=lambda vs: [order[k][v] for k, v in zip(keys, vs)])
+
+
+def pivot_tables(agg: Aggregate) -> list:
+    """Markdown lines of the grid's layout: one table per group value and metric."""
+    t = agg.table
+    rows, cols, groups = t.get("rows") or [], t.get("cols") or [], t.get("groups") or []
+    if not rows:
+        return []
+    lines = []
+    metrics = t.get("metrics", list(METRICS))
+    group_values = _ordered(tuple(coord_text(c, k) for k in groups) for c in agg.cells)
+    for gv in group_values:
+        members = [c for c in agg.cells if tuple(coord_text(c, k) for k in groups) == gv]
+        row_values = _sorted_keys(members, rows)
+        col_values = _sorted_keys(members, cols)
+        index = {(tuple(coord_text(c, k) for k in rows), tuple(coord_text(c, k) for k in cols)): c for c in members}
+        for metric in metrics:
+            heading = METRIC_TITLE[metric]
+            if groups:
+                heading += " — " + ", ".join(f"{_title(agg, k)} {v}" for k, v in zip(groups, gv))
+            lines += ["", f"### {heading}", ""]
+            header = [" / ".join(_title(agg, k) for k in rows) + " ↓ " + " / ".join(_title(agg, k) for k in cols)
+                      + (" →" if cols else "")]
+            header += [" / ".join(cv) or METRIC_TITLE[metric] for cv in col_values]
+            body = []
+            for rv in row_values:
+                line = [" / ".join(rv)]
+                for cv in col_values:
+                    c = index.get((rv, cv))
+                    if c is None:
+                        line.append("")
+                        continue
+                    text = fmt_ours(c, metric)
+                    if c.n:
+                        text += f" ({c.n})"
+                    text += f" / {fmt(c.paper.get(metric))}"
+                    line.append(text)
+                body.append(line)
+            lines += _md_table(header, body)
+    return lines
+
+
+def varying_keys(agg: Aggregate) -> list:
+    keys = []
+    for k in agg.coord_keys():
+        if k == "dataset" or len({coord_text(c, k) for c in agg.cells}) > 1:
+            keys.append(k)
+    return keys
+
+
+def markdown(agg: Aggregate, grid_path: Optional[str] = None) -> str:
+    g = agg.grid
+    paper = g.get("paper") or {}
+    n_status = {s: sum(c.status == s for c in agg.cells) for s in ("complete", "partial", "missing")}
+    overrides = ", ".join(f"`{k}={sweep.cli_value(v)}`" for k, v in agg.extra.items()) or "none"
+    lines = [f"# {g['name']}", ""]
+    if g.get("description"):
+        lines += [g["description"], ""]
+    lines += [
+        f"- grid: `{grid_path or g['name']}`; runs: `{sweep._path_arg(agg.runs_dir)}`; "
+        f"seeds asked per cell: {max((c.expected for c in agg.cells), default=0)}",
+        "- ours: test split (`eval/test/metrics.json` of each run: best-validation-AUC checkpoint, official "
+        "MedMNIST evaluator), mean ± sample standard deviation (ddof = 1) over seeds, \"± n/a\" with one seed, "
+        "\"missing\" with none",
+        f"- paper: {paper.get('source', 'n/a')}; Δ = ours − paper; \"n/a\" where the paper gives no value",
+        f"- command-line overrides in effect: {overrides}"
+        + (" (these runs deviate from the grid's settings)" if agg.extra else ""),
+        f"- cells: {n_status['complete']} complete, {n_status['partial']} partial, {n_status['missing']} missing",
+    ]
+    if paper.get("note"):
+        lines += [f"- note: {paper['note']}"]
+    pivots = pivot_tables(agg)
+    if pivots:
+        lines += ["", "## Layout of the paper (ours mean ± std (seeds) / paper)"] + pivots
+    keys = varying_keys(agg)
+    header = [_title(agg, k) for k in keys] + ["seeds"]
+    for m in METRICS:
+        header += [f"{METRIC_TITLE[m]} ours", f"{METRIC_TITLE[m]} paper", f"Δ {METRIC_TITLE[m]}"]
+    header += ["params"]
+    body = []
+    for c in agg.cells:
+        row = [coord_text(c, k) for k in keys] + [str(c.n)]
+        for m in METRICS:
+            row += [fmt_ours(c, m), fmt(c.paper.get(m)), fmt(c.diff(m), signed=True)]
+        p = c.param_count()
+        row += ["" if p is None else f"{p:,}"]
+        body.append(row)
+    lines += ["", "## All cells", ""] + _md_table(header, body)
+    if agg.excluded or agg.unfinished:
+        lines += ["", "## Notes", ""]
+        if agg.unfinished:
+            lines += [f"- {len(agg.unfinished)} run(s) without results (not finished or not evaluated): "
+                      + ", ".join(agg.unfinished[:20]) + (" ..." if len(agg.unfinished) > 20 else "")]
+        for name, reason in agg.excluded:
+            lines += [f"- excluded {name}: made with other settings ({reason})"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(agg: Aggregate) -> tuple[list, list]:
+    keys = agg.coord_keys()
+    header = ["cell", *keys, "n_seeds", "seeds"]
+    for m in METRICS:
+        header += [f"{m}_mean", f"{m}_std"]
+    header += [f"paper_{m}" for m in METRICS] + [f"diff_{m}" for m in METRICS] + ["param_count", "status"]
+
+    def num(x):
+        return "" if x is None else f"{x:.6f}"
+
+    rows = []
+    for c in agg.cells:
+        row = [c.name] + ["" if c.coords.get(k) is None else sweep.format_value(c.coords[k]) for k in keys]
+        row += [c.n, " ".join(map(str, c.seeds))]
+        for m in METRICS:
+            row += [num(c.mean(m)), num(c.std(m))]
+        row += [num(c.paper.get(m)) for m in METRICS] + [num(c.diff(m)) for m in METRICS]
+        p = c.param_count()
+        row += ["" if p is None else p, c.status]
+        rows.append(row)
+    return header, rows
+
+
+def write_tables(agg: Aggregate, out_dir: Path, grid_path: Optional[str] = None) -> list:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "table.md"
+    md.write_text(markdown(agg, grid_path))
+    header, rows = csv_rows(agg)
+    path = out_dir / "table.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return [md, path]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("grid", help="grid file, e.g. experiments/table8.json")
+    parser.add_argument("--out", help="folder for table.md / table.csv (default sweeps/<grid name>)")
+    parser.add_argument("--runs", help="folder of the run directories (default: as tools/sweep.py, i.e. the "
+                                       "grid's runs_dir or sweeps/<name>)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="the --override values the runs were swept with (so their configs match)")
+    parser.add_argument("--plots", action="store_true", help="also write PNGs (tools/plots.py; needs matplotlib)")
+    args = parser.parse_args(argv)
+    try:
+        grid = sweep.load_grid(args.grid)
+        extra = dict(sweep.parse_override(o) for o in args.override)
+        runs_dir = sweep.runs_dir_of(grid, args.runs)
+        agg = aggregate(grid, runs_dir, extra)
+    except sweep.GridError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out).resolve() if args.out else sweep.REPO_ROOT / "sweeps" / grid["name"]
+    grid_path = sweep._path_arg(Path(args.grid))
+    written = write_tables(agg, out_dir, grid_path)
+    if args.plots:
+        from tools import plots
+        try:
+            written += plots.plot_aggregate(agg, out_dir, runs=True)
+        except plots.MissingDependency as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    for path in written:
+        print(path)
+    if agg.excluded:
+        print(f"warning: {len(agg.excluded)} run(s) excluded, made with other settings (see table.md; "
+              "pass the --override values they were swept with)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

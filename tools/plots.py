@@ -1,0 +1,274 @@
+"""PNG plots of runs and of aggregated tables (matplotlib, Agg backend; an optional dependency).
+
+    python tools/plots.py sweeps/table8/adrenalmnist3d-lmttm-mem64-dim64-seed0 [RUN_DIR ...]
+    python tools/aggregate.py experiments/table8.json --plots      # tables and every finished run
+
+Per run (written into the run directory):
+- `curves.png`: training loss, validation AUC and ACC per epoch (from metrics.csv);
+- `roc_<split>.png`: ROC curve of the split's predictions (eval/<split>/predictions.npz): the positive
+  class for binary tasks, one-vs-rest per class for multi-class tasks (sklearn.metrics.roc_curve).
+
+Per table (written next to table.md):
+- `bars.png`: AUC and ACC per cell, mean with the sample std over seeds as error bars, the paper's value
+  as a black tick;
+- `heatmap_<group>.png` where the grid's table has a "heatmap" ({"rows", "cols", "panels", "metric"}, e.g.
+  memory x dimension for TTM and LMTTM in Tables 8-9): one panel per model, ours above, the paper below.
+
+matplotlib is imported only inside these functions; training never imports this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class MissingDependency(RuntimeError):
+    """matplotlib (or another optional plotting dependency) is not installed."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependency("plots need matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_metrics_csv(path) -> dict:
+    """Columns of metrics.csv as lists of floats (empty cells become NaN)."""
+    cols: dict[str, list] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                try:
+                    x = float(value)
+                except (TypeError, ValueError):
+                    x = math.nan
+                cols.setdefault(key, []).append(x)
+    return cols
+
+
+def plot_curves(run_dir) -> Path | None:
+    """curves.png from metrics.csv (None if the run has no metrics.csv)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    cols = read_metrics_csv(path)
+    plt = _pyplot()
+    epochs = cols.get("epoch", [])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, cols.get("train_loss", [math.nan] * len(epochs)), marker=".", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_title("training loss")
+    for key, label in (("val_auc", "val AUC"), ("val_acc", "val ACC")):
+        if key in cols:
+            ax2.plot(epochs, cols[key], marker=".", label=label)
+    try:
+        best = json.loads((run_dir / "train_summary.json").read_text()).get("best_epoch")
+    except (OSError, ValueError):
+        best = None
+    if isinstance(best, (int, float)):
+        ax2.axvline(best, color="gray", ls=":", lw=1, label=f"best epoch ({best})")
+    ax2.set_xlabel("epoch")
+    ax2.set_title("validation")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name, fontsize=9)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_roc(run_dir, split: str = "test") -> Path | None:
+    """roc_<split>.png from eval/<split>/predictions.npz (None if absent)."""
+    import numpy as np
+    from sklearn.metrics import auc as area, roc_curve
+
+    run_dir = Path(run_dir)
+    path = run_dir / "eval" / split / "predictions.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        y_true = np.asarray(data["y_true"]).reshape(-1).astype(int)
+        y_score = np.asarray(data["y_score"], dtype=float)
+    if y_score.ndim == 1:
+        y_score = np.stack([1 - y_score, y_score], axis=1)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    k = y_score.shape[1]
+    classes = [1] if k == 2 else list(range(k))
+    aucs = []
+    for c in classes:
+        positives = y_true == c
+        if positives.all() or not positives.any():
+            continue  # one-vs-rest is undefined for a class absent (or alone) in the split
+        fpr, tpr, _ = roc_curve(positives.astype(int), y_score[:, c])
+        aucs.append(area(fpr, tpr))
+        label = f"AUC {aucs[-1]:.3f}" if k == 2 else f"class {c} vs rest (AUC {aucs[-1]:.3f})"
+        ax.plot(fpr, tpr, label=label)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    mean = f", mean AUC {sum(aucs) / len(aucs):.3f}" if len(aucs) > 1 else ""
+    ax.set_title(f"ROC, {split} split (n = {len(y_true)}){mean}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / f"roc_{split}.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run_dir, split: str = "test") -> list:
+    """Every plot a run has the data for; returns the PNG paths written."""
+    return [p for p in (plot_curves(run_dir), plot_roc(run_dir, split)) if p is not None]
+
+
+def plot_bars(agg, out_dir) -> Path:
+    """bars.png: AUC and ACC per cell (mean ± std over seeds) with the paper's values."""
+    plt = _pyplot()
+    cells = agg.cells
+    x = list(range(len(cells)))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(cells) + 2), 7), sharex=True)
+    for ax, metric in zip(axes, ("auc", "acc")):
+        means = [c.mean(metric) if c.n else math.nan for c in cells]
+        errs = [c.std(metric) or 0.0 for c in cells]
+        ax.bar(x, means, yerr=errs, capsize=2, color="tab:blue", alpha=0.8, label="ours (mean ± std)")
+        px = [i for i, c in enumerate(cells) if metric in c.paper]
+        if px:
+            ax.scatter(px, [cells[i].paper[metric] for i in px], marker="_", s=200, color="black", zorder=3,
+                       label="paper")
+        finite = [v for v in means + [c.paper.get(metric, math.nan) for c in cells] if not math.isnan(v)]
+        low = min(finite) if finite else 0.0
+        ax.set_ylim(max(0.0, math.floor(low * 10) / 10 - 0.1), 1.0)
+        ax.set_ylabel(metric.upper())
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[-1].set_xticks(x)
+    axes[-1].set_xticklabels([c.name for c in cells], rotation=90, fontsize=7)
+    axes[0].set_title(f"{agg.grid['name']}: test split, {len(cells)} cells", fontsize=9)
+    fig.tight_layout()
+    out = Path(out_dir) / "bars.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_heatmaps(agg, out_dir) -> list:
+    """heatmap_<group>.png per value of table.groups: rows x cols per panel, ours above, paper below."""
+    import numpy as np
+    from tools.aggregate import coord_text
+
+    spec = agg.table.get("heatmap")
+    if not spec:
+        return []
+    plt = _pyplot()
+    metric = spec.get("metric", "acc")
+    groups = agg.table.get("groups") or []
+    written = []
+    group_values = list(dict.fromkeys(tuple(coord_text(c, k) for k in groups) for c in agg.cells))
+    for gv in group_values:
+        members = [c for c in agg.cells if tuple(coord_text(c, k) for k in groups) == gv]
+        panels = list(dict.fromkeys(coord_text(c, spec["panels"]) for c in members))
+        rows = list(dict.fromkeys(c.coords[spec["rows"]] for c in members))
+        cols = list(dict.fromkeys(c.coords[spec["cols"]] for c in members))
+        grids = []
+        for panel in panels:
+            ours = np.full((len(rows), len(cols)), np.nan)
+            paper = np.full((len(rows), len(cols)), np.nan)
+            for c in members:
+                if coord_text(c, spec["panels"]) != panel:
+                    continue
+                r, k = rows.index(c.coords[spec["rows"]]), cols.index(c.coords[spec["cols"]])
+                if c.n:
+                    ours[r, k] = c.mean(metric)
+                paper[r, k] = c.paper.get(metric, np.nan)
+            grids.append((ours, paper))
+        finite = np.concatenate([g.ravel() for pair in grids for g in pair])
+        finite = finite[~np.isnan(finite)]
+        vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if vmax - vmin < 1e-6:
+            vmin, vmax = vmin - 0.01, vmax + 0.01
+        titles = agg.table.get("titles") or {}
+        fig, axes = plt.subplots(2, len(panels), figsize=(3.8 * len(panels) + 1.2, 6.8), squeeze=False,
+                                 layout="constrained")
+        image = None
+        for j, (panel, (ours, paper)) in enumerate(zip(panels, grids)):
+            for i, (data, what) in enumerate(((ours, "ours"), (paper, "paper"))):
+                ax = axes[i][j]
+                image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", aspect="auto", vmin=vmin, vmax=vmax)
+                for r in range(len(rows)):
+                    for k in range(len(cols)):
+                        value = data[r, k]
+                        if np.isnan(value):
+                            ax.text(k, r, "n/a", ha="center", va="center", fontsize=7, color="gray")
+                        else:
+                            dark = (value - vmin) / (vmax - vmin) < 0.6
+                            ax.text(k, r, f"{value:.3f}", ha="center", va="center", fontsize=7,
+                                    color="white" if dark else "black")
+                ax.set_xticks(range(len(cols)))
+                ax.set_xticklabels([str(v) for v in cols])
+                ax.set_yticks(range(len(rows)))
+                ax.set_yticklabels([str(v) for v in rows])
+                ax.set_xlabel(titles.get(spec["cols"], spec["cols"]))
+                ax.set_ylabel(titles.get(spec["rows"], spec["rows"]))
+                ax.set_title(f"{panel}: {what} {metric.upper()}", fontsize=9)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=f"test {metric.upper()} (one scale)")
+        name = "_".join(gv) or "all"
+        fig.suptitle(f"{agg.grid['name']} {' '.join(gv)}: mean over seeds (ours) and the paper", fontsize=10)
+        out = Path(out_dir) / f"heatmap_{name}.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def plot_aggregate(agg, out_dir, runs: bool = False) -> list:
+    """Table plots into out_dir, and with runs=True the plots of every run that has results."""
+    _pyplot()  # fail early with a clear message
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    written = [plot_bars(agg, out_dir)] + plot_heatmaps(agg, out_dir)
+    if runs:
+        for cell in agg.cells:
+            for run_dir in cell.run_dirs:
+                written += plot_run(run_dir)
+    return written
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Plot runs: curves.png and roc_<split>.png in each run directory.")
+    parser.add_argument("run_dirs", nargs="+", help="run directories")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    try:
+        for run_dir in args.run_dirs:
+            written = plot_run(run_dir, args.split)
+            if not written:
+                print(f"{run_dir}: nothing to plot (no metrics.csv or eval/{args.split}/predictions.npz)")
+            for path in written:
+                print(path)
+    except MissingDependency as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,658 @@
+"""Run a grid of experiments (one paper table) with the training engine, one run directory per run.
+
+    python tools/sweep.py experiments/table8.json                       # run (or resume) every run
+    python tools/sweep.py experiments/table8.json --dry-run             # print the commands only
+    python tools/sweep.py experiments/table8.json --list                # runs and their state
+    python tools/sweep.py experiments/table2.json --only adrenalmnist3d --max-runs 4
+    python tools/sweep.py experiments/table4.json --override data.root=../shared/data/medmnist
+
+Each run is two engine calls, made with this Python from the repository root:
+
+    python train.py   CONFIG --key value ... --data.name D --train.seed S --output.dir OUT --output.name NAME
+    python predict.py CONFIG (the same arguments) --split test
+
+No config file is edited: every setting of a run is a command-line override. A run whose
+`train_summary.json` says finished and whose `eval/test/metrics.json` exists is skipped; a run whose
+training finished but was not evaluated only gets the predict step; any other run is (re)started and
+the engine resumes it from `last.pt`. So an interrupted sweep resumes where it stopped: run the same
+command again. A failing run does not stop the others: its output is in `<run dir>/sweep.log` (both
+steps, appended), the summary at the end lists it, and the exit status is 1.
+
+The sweep records each run's config file and settings in `<run dir>/sweep_settings.json`. Before a run
+directory is reused, that record (both ways: a key only one side sets counts) and the run's
+`config.json` (the keys the grid sets) are compared with the run's settings; a directory made with
+other settings (say `--override train.epochs=2` earlier) is reported as a failure and left alone
+instead of being resumed, skipped or aggregated. Keys that do not change results (`NOT_COMPARED`:
+data.root, device, ...) are not compared.
+
+Grid file (JSON)
+----------------
+    {
+      "name": "table8",                       # required; default run folder sweeps/<name>
+      "description": "free text",
+      "datasets": ["adrenalmnist3d", ...],    # required; every run gets --data.name <dataset>
+      "config": "{dataset}.json",             # config file under config/ ({dataset} is replaced); default shown
+      "seeds": [0, 1, 2],                     # --train.seed; default [0, 1, 2]
+      "overrides": {"train.epochs": 100},     # "section.key": value, for every run
+      "variants": [                           # optional: model lines, each with its own config and overrides
+        {"label": "lmttm", "title": "LMTTM", "overrides": {"model.name": "lmttm"}},
+        {"label": "resnet18_3d", "config": "baselines/resnet18_3d.json", "overrides": {...}}
+      ],
+      "axes": {                               # optional: the cartesian product of the axes is run
+        "model.name": ["ttm", "lmttm"],
+        "model.dim+model.memory_tokens": [[64, 64], [160, 160]]   # '+' ties keys: one value list each
+      },
+      "labels": {"model.memory_tokens": "mem"},   # optional short names used in run names
+      "subgrids": [{...}, ...],               # optional: blocks expanded one by one, each block's keys
+                                              # replacing the top level's ("overrides" are merged)
+      "runs_dir": "sweeps/table8",            # optional: where the runs live (several grids may share)
+      "table": {...},                         # layout for tools/aggregate.py (see there)
+      "paper": {"source": "...", "values": {"<cell>": {"auc": 0.9, "acc": 0.8}}}
+    }
+
+Runs are datasets x variants x axes x seeds, in that nesting order. Settings are applied in the order
+grid overrides, variant overrides, axis values, `--data.name`/`--train.seed`, then `--override` from the
+command line (which wins). A run's name is `<dataset>[-<variant or model.name>]-<axis labels>-seed<s>`,
+e.g. `adrenalmnist3d-lmttm-mem64-dim64-seed0`: an axis value is written as label + value (`dim64`,
+`lr0.0001`, `noise_uniform` for words, the bare value where the label is ""). The name without the
+seed is the *cell* (`adrenalmnist3d-lmttm-mem64-dim64`); the aggregator averages a cell over its seeds
+and the grid's "paper" values are keyed by cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "config"
+DEFAULT_SEEDS = [0, 1, 2]
+
+# Short names of axis keys in run names; a grid's "labels" replace them. "" writes the bare value.
+DEFAULT_LABELS = {
+    "model.name": "",
+    "model.dim": "dim",
+    "model.memory_tokens": "mem",
+    "model.noise": "noise",
+    "model.noise_rate": "noiserate",
+    "train.epochs": "ep",
+    "train.lr": "lr",
+    "train.batch_size": "bs",
+    "train.weight_decay": "wd",
+}
+
+# Keys set by the sweep itself (not allowed in a grid) and keys not compared with an existing run's config.json.
+RESERVED = {"data.name", "train.seed", "output.dir", "output.name"}
+NOT_COMPARED = {"data.root", "data.download", "data.device_cache", "train.device", "eval.batch_size",
+                "output.dir", "output.name"}
+
+Runner = Callable[[list, Path, Path], int]
+
+
+class GridError(ValueError):
+    """A grid file that cannot be expanded; the message says what is wrong."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grid expansion
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One engine run of a grid."""
+
+    name: str                 # run directory name, e.g. adrenalmnist3d-lmttm-mem64-dim64-seed0
+    cell: str                 # the name without the seed: what the aggregator averages over seeds
+    dataset: str
+    seed: int
+    config: str               # config file relative to config/, e.g. adrenalmnist3d.json
+    settings: dict            # "section.key" -> value, everything the grid sets (incl. data.name, train.seed)
+    coords: dict = field(default_factory=dict)   # cell coordinates: dataset, variant, axis keys -> value
+    variant_title: str = ""
+
+    @property
+    def config_path(self) -> Path:
+        return CONFIG_DIR / self.config
+
+
+def format_value(value) -> str:
+    """A value as written in run names: 64, 0.0001, uniform, 64_64 for lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        short = format(value, "g")
+        return short if float(short) == value else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "_".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _segment(label: str, value) -> str:
+    text = format_value(value)
+    if label == "":
+        seg = text
+    elif re.match(r"[0-9.+-]", text):
+        seg = f"{label}{text}"
+    else:
+        seg = f"{label}_{text}"
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", seg)
+
+
+def _check_key(key, where: str, allow_reserved: bool = False):
+    if not isinstance(key, str) or not re.fullmatch(r"[a-z_]+\.[A-Za-z0-9_]+", key):
+        raise GridError(f"{where}: {key!r} is not a 'section.key' setting")
+    if key in RESERVED and not allow_reserved:
+        raise GridError(f"{where}: {key} is set by the sweep itself (use the grid's datasets/seeds, or --out)")
+
+
+def _check_overrides(overrides, where: str) -> dict:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise GridError(f"{where} must be an object of 'section.key': value")
+    for key in overrides:
+        _check_key(key, where)
+    return dict(overrides)
+
+
+def _axes(axes, where: str) -> list[tuple[list[str], list[list]]]:
+    """[(keys, [values tuple per point])] from the grid's "axes"."""
+    if axes is None:
+        return []
+    if not isinstance(axes, dict):
+        raise GridError(f"{where}.axes must be an object: key (or 'key1+key2') -> list of values")
+    out = []
+    for spec, values in axes.items():
+        keys = spec.split("+")
+        for key in keys:
+            _check_key(key, f"{where}.axes")
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{where}.axes[{spec!r}] must be a non-empty list of values")
+        points = []
+        for v in values:
+            if len(keys) > 1:
+                if not isinstance(v, list) or len(v) != len(keys):
+                    raise GridError(f"{where}.axes[{spec!r}]: {v!r} must be a list of {len(keys)} values, "
+                                    f"one for each of {keys}")
+                points.append(list(v))
+            else:
+                points.append([v])
+        out.append((keys, points))
+    return out
+
+
+def _blocks(grid: dict) -> list[tuple[str, dict]]:
+    subgrids = grid.get("subgrids")
+    if subgrids is None:
+        return [("grid", grid)]
+    if not isinstance(subgrids, list) or not subgrids:
+        raise GridError("subgrids must be a non-empty list of objects")
+    blocks = []
+    for i, sub in enumerate(subgrids):
+        if not isinstance(sub, dict):
+            raise GridError(f"subgrids[{i}] must be an object")
+        for key in ("name", "table", "paper", "runs_dir", "subgrids"):
+            if key in sub:
+                raise GridError(f"subgrids[{i}] may not set {key!r} (only the top level does)")
+        merged = {k: v for k, v in grid.items() if k != "subgrids"}
+        merged.update(sub)
+        merged["overrides"] = {**(grid.get("overrides") or {}), **(sub.get("overrides") or {})}
+        blocks.append((f"subgrids[{i}]", merged))
+    return blocks
+
+
+def expand(grid: dict) -> list[Run]:
+    """Every run of a grid, in order (datasets, variants, axes, seeds). Raises GridError on a bad grid."""
+    if not isinstance(grid, dict):
+        raise GridError("a grid must be a JSON object")
+    name = grid.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise GridError(f"grid 'name' must be a plain word (letters, digits, . _ -), got {name!r}")
+    known = {"name", "description", "datasets", "config", "seeds", "overrides", "variants", "axes", "labels",
+             "subgrids", "runs_dir", "table", "paper"}
+    unknown = set(grid) - known
+    if unknown:
+        raise GridError(f"unknown grid keys {sorted(unknown)}; accepted: {sorted(known)}")
+
+    runs: list[Run] = []
+    for where, block in _blocks(grid):
+        datasets = block.get("datasets")
+        if not isinstance(datasets, list) or not datasets or not all(isinstance(d, str) for d in datasets):
+            raise GridError(f"{where}: 'datasets' must be a non-empty list of dataset flags")
+        seeds = block.get("seeds", DEFAULT_SEEDS)
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise GridError(f"{where}: 'seeds' must be a non-empty list of non-negative integers")
+        base_config = block.get("config", "{dataset}.json")
+        overrides = _check_overrides(block.get("overrides"), f"{where}.overrides")
+        labels = {**DEFAULT_LABELS, **(block.get("labels") or {})}
+        axes = _axes(block.get("axes"), where)
+        variants = block.get("variants")
+        if variants is None:
+            variants = [None]
+        elif not isinstance(variants, list) or not variants:
+            raise GridError(f"{where}: 'variants' must be a non-empty list")
+
+        for dataset in datasets:
+            for vi, variant in enumerate(variants):
+                settings = dict(overrides)
+                coords = {"dataset": dataset}
+                parts = [dataset]
+                config = base_config
+                title = ""
+                if variant is not None:
+                    if not isinstance(variant, dict) or not isinstance(variant.get("label"), str) \
+                            or not variant["label"]:
+                        raise GridError(f"{where}.variants[{vi}] must be an object with a non-empty 'label'")
+                    extra = set(variant) - {"label", "title", "config", "overrides"}
+                    if extra:
+                        raise GridError(f"{where}.variants[{vi}]: unknown keys {sorted(extra)}")
+                    settings.update(_check_overrides(variant.get("overrides"), f"{where}.variants[{vi}].overrides"))
+                    config = variant.get("config", config)
+                    title = variant.get("title", variant["label"])
+                    coords["variant"] = variant["label"]
+                    parts.append(_segment("", variant["label"]))
+                elif "model.name" in overrides and not any("model.name" in keys for keys, _ in axes):
+                    parts.append(_segment("", overrides["model.name"]))
+                if not isinstance(config, str) or not config:
+                    raise GridError(f"{where}: a config must be a file name under config/, got {config!r}")
+                try:
+                    config = config.format(dataset=dataset)
+                except (KeyError, IndexError, ValueError) as err:
+                    raise GridError(f"{where}: config {config!r}: only {{dataset}} may be replaced ({err})") from None
+
+                for point in itertools.product(*[points for _, points in axes]):
+                    s = dict(settings)
+                    c = dict(coords)
+                    p = list(parts)
+                    for (keys, _), values in zip(axes, point):
+                        for key, value in zip(keys, values):
+                            s[key] = value
+                            c[key] = value
+                            p.append(_segment(labels.get(key, key.split(".")[-1]), value))
+                    cell = "-".join(p)
+                    for seed in seeds:
+                        runs.append(Run(name=f"{cell}-seed{seed}", cell=cell, dataset=dataset, seed=seed,
+                                        config=config, settings={**s, "data.name": dataset, "train.seed": seed},
+                                        coords=c, variant_title=title))
+    seen: dict[str, Run] = {}
+    for run in runs:
+        if run.name in seen:
+            raise GridError(f"two runs would share the directory {run.name!r}: give the variants distinct labels "
+                            "or the axes distinct labels")
+        seen[run.name] = run
+    return runs
+
+
+def cells(runs: list[Run]) -> list[str]:
+    """The distinct cells of the runs, in order."""
+    return list(dict.fromkeys(r.cell for r in runs))
+
+
+def load_grid(path) -> dict:
+    path = Path(path)
+    try:
+        grid = json.loads(path.read_text())
+    except OSError as err:
+        raise GridError(f"cannot read grid file {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise GridError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(grid, dict):
+        raise GridError(f"{path} must hold a JSON object")
+    return grid
+
+
+def validate_grid(grid: dict) -> list[Run]:
+    """Expand the grid and check its paper keys and table layout against the cells; return the runs."""
+    runs = expand(grid)
+    known_cells = set(cells(runs))
+    table = grid.get("table") or {}
+    average_over = table.get("average_over")
+    if average_over is not None and average_over != "dataset":
+        raise GridError("table.average_over may only be \"dataset\"")
+    if average_over:
+        known_cells |= {average_cell(r) for r in runs}
+    paper = grid.get("paper") or {}
+    values = paper.get("values") or {}
+    if not isinstance(values, dict):
+        raise GridError("paper.values must be an object: cell -> {\"auc\": x, \"acc\": y}")
+    for cell, entry in values.items():
+        if cell not in known_cells:
+            close = sorted(known_cells)[:3]
+            raise GridError(f"paper.values: {cell!r} is not a cell of this grid (cells look like {close})")
+        if not isinstance(entry, dict) or not set(entry) <= {"auc", "acc"} or \
+                not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in entry.values()):
+            raise GridError(f"paper.values[{cell!r}] must be {{\"auc\": x, \"acc\": y}} with values in [0, 1]")
+    coord_keys = set()
+    for r in runs:
+        coord_keys |= set(r.coords)
+    for part in ("rows", "cols", "groups"):
+        keys = table.get(part, [])
+        if not isinstance(keys, list) or not all(k in coord_keys for k in keys):
+            raise GridError(f"table.{part} must be a list of cell coordinates {sorted(coord_keys)}, got {keys!r}")
+    metrics = table.get("metrics", ["auc", "acc"])
+    if not isinstance(metrics, list) or not metrics or not set(metrics) <= {"auc", "acc"}:
+        raise GridError("table.metrics must be a non-empty list drawn from auc, acc")
+    heat = table.get("heatmap")
+    if heat is not None:
+        for part in ("rows", "cols", "panels"):
+            if heat.get(part) not in coord_keys:
+                raise GridError(f"table.heatmap.{part} must be one of {sorted(coord_keys)}")
+    return runs
+
+
+def average_cell(run: Run) -> str:
+    """The cell of a run's mean over datasets: its cell name with the dataset replaced by 'mean'."""
+    return "mean" + run.cell[len(run.dataset):]
+
+
+def runs_dir_of(grid: dict, out: Optional[str] = None) -> Path:
+    """Where the runs of a grid live: --out (from the working directory), else the grid's runs_dir, else
+    sweeps/<name>, both from the repository root."""
+    if out:
+        return Path(out).expanduser().resolve()
+    return (REPO_ROOT / grid.get("runs_dir", f"sweeps/{grid['name']}")).resolve()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run state
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def train_finished(run_dir: Path) -> bool:
+    summary = _read_json(Path(run_dir) / "train_summary.json")
+    return isinstance(summary, dict) and summary.get("finished") is True
+
+
+def is_finished(run_dir: Path, split: str = "test") -> bool:
+    """Training finished and the split was evaluated."""
+    return train_finished(run_dir) and (Path(run_dir) / "eval" / split / "metrics.json").is_file()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def config_mismatches(run_dir: Path, settings: dict) -> list[str]:
+    """Settings that an existing run's config.json contradicts ('key: run has X, wanted Y')."""
+    config = _read_json(Path(run_dir) / "config.json")
+    if not isinstance(config, dict):
+        return []
+    out = []
+    for key, wanted in settings.items():
+        if key in NOT_COMPARED:
+            continue
+        section, _, name = key.partition(".")
+        sec = config.get(section)
+        if not isinstance(sec, dict) or name not in sec:
+            continue
+        if not _same(sec[name], wanted):
+            out.append(f"{key}: run has {json.dumps(sec[name])}, wanted {json.dumps(wanted)}")
+    return out
+
+
+SETTINGS_FILE = "sweep_settings.json"
+
+
+def write_settings(run_dir: Path, config: str, settings: dict):
+    """Record what the sweep launched a run with (so a later --override, or its absence, is noticed)."""
+    (Path(run_dir) / SETTINGS_FILE).write_text(json.dumps({"config": config, "settings": settings}, indent=1) + "\n")
+
+
+def recorded_mismatches(run_dir: Path, config: str, settings: dict) -> list[str]:
+    """Differences between the settings recorded by an earlier sweep of this run and the wanted ones, in
+    both directions (a key only one side sets counts)."""
+    recorded = _read_json(Path(run_dir) / SETTINGS_FILE)
+    if not isinstance(recorded, dict):
+        return []
+    out = []
+    if recorded.get("config") != config:
+        out.append(f"config file: run has {recorded.get('config')}, wanted {config}")
+    old = recorded.get("settings") or {}
+    config = _read_json(Path(run_dir) / "config.json") or {}
+
+    def resolved(key):  # the value the run used for a key it did not set, if its config.json says
+        section, _, name = key.partition(".")
+        sec = config.get(section) if isinstance(config, dict) else None
+        return f" ({json.dumps(sec[name])})" if isinstance(sec, dict) and name in sec else ""
+
+    for key in sorted((set(old) | set(settings)) - NOT_COMPARED):
+        if key not in old:
+            out.append(f"{key}: run has its config file's value{resolved(key)}, wanted {json.dumps(settings[key])}")
+        elif key not in settings:
+            out.append(f"{key}: run has {json.dumps(old[key])}, wanted the config file's value")
+        elif not _same(old[key], settings[key]):
+            out.append(f"{key}: run has {json.dumps(old[key])}, wanted {json.dumps(settings[key])}")
+    return out
+
+
+def run_mismatches(run_dir: Path, run: "Run", extra: Optional[dict] = None) -> list[str]:
+    """Why an existing run directory does not hold this run (empty list: it does, or it is new)."""
+    settings = run_settings(run, extra)
+    out = recorded_mismatches(run_dir, run.config, settings)
+    keys = {m.split(":")[0] for m in out}
+    return out + [m for m in config_mismatches(run_dir, settings) if m.split(":")[0] not in keys]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# commands and running
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.epochs=5' -> ('train.epochs', 5); the value is read as JSON, else kept as a string."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise GridError(f"--override {text!r}: write section.key=value")
+    key = key.strip()
+    _check_key(key, "--override")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def cli_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _path_arg(path: Path) -> str:
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run_settings(run: Run, extra: Optional[dict] = None) -> dict:
+    """All settings of a run: the grid's, then the command line's --override (which win)."""
+    return {**run.settings, **(extra or {})}
+
+
+def commands(run: Run, runs_dir: Path, extra: Optional[dict] = None, python: str = sys.executable,
+             split: str = "test") -> tuple[list[str], list[str]]:
+    """The train and predict command lines of a run (to be run from the repository root)."""
+    args = [_path_arg(run.config_path)]
+    for key, value in run_settings(run, extra).items():
+        args += [f"--{key}", cli_value(value)]
+    args += ["--output.dir", _path_arg(runs_dir), "--output.name", run.name]
+    return [python, "train.py", *args], [python, "predict.py", *args, "--split", split]
+
+
+def subprocess_runner(cmd: list, cwd: Path, log_path: Path) -> int:
+    """Run a command, appending its stdout and stderr to log_path; return its exit status."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(map(str, cmd))}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        log.flush()
+        return subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _tail(path: Path, n: int = 6) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("      | " + line for line in lines[-n:])
+
+
+@dataclass
+class SweepResult:
+    skipped: list = field(default_factory=list)      # finished before this sweep
+    done: list = field(default_factory=list)         # ran to the end now
+    failed: list = field(default_factory=list)       # (name, reason, log path)
+    not_started: list = field(default_factory=list)  # left for later by --max-runs
+    planned: list = field(default_factory=list)      # --dry-run: runs that would run
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def select(runs: list[Run], only: Optional[list[str]] = None) -> list[Run]:
+    if not only:
+        return runs
+    return [r for r in runs if any(s in r.name for s in only)]
+
+
+def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, max_runs: Optional[int] = None,
+              dry_run: bool = False, runner: Runner = subprocess_runner, python: str = sys.executable,
+              cwd: Path = REPO_ROOT, log=print) -> SweepResult:
+    """Run (or resume) the given runs in order; see the module docstring. `runner(cmd, cwd, log_path)`
+    executes one command and returns its exit status (tests pass a fake one)."""
+    runs_dir = Path(runs_dir)
+    result = SweepResult()
+    total = len(runs)
+    started = 0
+    for i, run in enumerate(runs, 1):
+        run_dir = runs_dir / run.name
+        tag = f"[{i}/{total}] {run.name}"
+        mismatch = run_mismatches(run_dir, run, extra)
+        if mismatch:
+            reason = "existing run directory has other settings (" + "; ".join(mismatch) + \
+                     "); delete it or sweep into another --out"
+            log(f"{tag}: FAILED: {reason}")
+            result.failed.append((run.name, reason, None))
+            continue
+        if is_finished(run_dir):
+            result.skipped.append(run.name)
+            log(f"{tag}: finished, skipped")
+            continue
+        if max_runs is not None and started >= max_runs:
+            result.not_started.append(run.name)
+            continue
+        started += 1
+        train_cmd, predict_cmd = commands(run, runs_dir, extra, python)
+        need_train = not train_finished(run_dir)
+        if dry_run:
+            result.planned.append(run.name)
+            log(f"{tag}:")
+            if need_train:
+                log("  " + shlex.join(map(str, train_cmd)))
+            log("  " + shlex.join(map(str, predict_cmd)))
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(run_dir, run.config, run_settings(run, extra))
+        log_path = run_dir / "sweep.log"
+        t0 = time.time()
+        reason = None
+        if need_train:
+            log(f"{tag}: training" + (" (resuming)" if (run_dir / "last.pt").exists() else ""))
+            rc = runner(train_cmd, cwd, log_path)
+            if rc != 0:
+                reason = f"train.py exited with status {rc}"
+            elif not train_finished(run_dir):
+                reason = "train.py exited 0 but train_summary.json does not say finished"
+        if reason is None:
+            log(f"{tag}: evaluating the test split")
+            rc = runner(predict_cmd, cwd, log_path)
+            if rc != 0:
+                reason = f"predict.py exited with status {rc}"
+            elif not is_finished(run_dir):
+                reason = "predict.py exited 0 but eval/test/metrics.json is missing"
+        if reason is None:
+            result.done.append(run.name)
+            log(f"{tag}: done in {time.time() - t0:.0f} s")
+        else:
+            result.failed.append((run.name, reason, log_path))
+            log(f"{tag}: FAILED: {reason}; log: {log_path}")
+            tail = _tail(log_path)
+            if tail:
+                log(tail)
+    return result
+
+
+def summary_text(result: SweepResult, dry_run: bool = False) -> str:
+    lines = []
+    if dry_run:
+        lines.append(f"dry run: {len(result.planned)} run(s) to run, {len(result.skipped)} finished, "
+                     f"{len(result.not_started)} beyond --max-runs")
+    else:
+        lines.append(f"sweep: {len(result.done)} run(s) done now, {len(result.skipped)} finished before, "
+                     f"{len(result.failed)} failed, {len(result.not_started)} not started (--max-runs)")
+    for name, reason, log_path in result.failed:
+        lines.append(f"  FAILED {name}: {reason}" + (f" (log: {log_path})" if log_path else ""))
+    return "\n".join(lines)
+
+
+def main(argv=None, runner: Runner = subprocess_runner) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Grid format: see the docstring of tools/sweep.py.")
+    parser.add_argument("grid", help="grid file, e.g. experiments/table8.json")
+    parser.add_argument("--out", help="folder of the run directories (default: the grid's runs_dir or sweeps/<name>)")
+    parser.add_argument("--only", action="append", metavar="SUBSTRING",
+                        help="only runs whose name contains SUBSTRING (repeat: any of them)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="setting for every run, after the grid's (e.g. train.epochs=2, data.root=DIR)")
+    parser.add_argument("--max-runs", type=int, metavar="N", help="start at most N unfinished runs")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+        runs = select(validate_grid(grid), args.only)
+        extra = dict(parse_override(o) for o in args.override)
+    except GridError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runs_dir = runs_dir_of(grid, args.out)
+    if args.list:
+        for run in runs:
+            d = runs_dir / run.name
+            state = "finished" if is_finished(d) else "trained" if train_finished(d) else \
+                "started" if d.exists() else "new"
+            print(f"{state:9s} {run.name}")
+        return 0
+    print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}")
+    try:
+        result = run_sweep(runs, runs_dir, extra=extra, max_runs=args.max_runs, dry_run=args.dry_run, runner=runner)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print(summary_text(result, args.dry_run))
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
