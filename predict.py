@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data import DataError
 from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.config import ConfigError, config_from_dict, load_config
+from engine.config import config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores
-from engine.setup import dataset_for, load_data, model_from_config, resolve_device
+from engine.setup import dataset_for, load_data, model_from_config, resolve_device, run_cli
 
 
 def parse_args(argv=None):
@@ -110,8 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

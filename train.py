@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, batches, data_md5
+from data import batches, data_md5
 from engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, package_versions
-from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
+from engine.config import Config, config_to_dict, describe_config, load_config
 from engine.evaluate import official_metrics, predict_scores
-from engine.setup import load_data, model_from_config, resolve_device, seed_everything
+from engine.setup import load_data, model_from_config, resolve_device, run_cli, seed_everything
 from model import MODELS, count_parameters, executed_parameter_count
 
 METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
@@ -252,8 +252,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 
 import numpy as np
 import torch
@@ -54,3 +55,16 @@ def load_data(cfg: Config, device: torch.device, splits=("train", "val", "test")
 def model_from_config(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
     return build_model(cfg.model_name, in_channels=info.in_channels, num_classes=info.num_classes,
                        input_size=info.size, **dataclasses.asdict(cfg.model))
+
+
+def run_cli(main) -> None:
+    """Run a script's `main()` and exit with its code; a bad config, data file or checkpoint exits 2
+    with its message and no traceback."""
+    from data import DataError
+    from engine.checkpoint import CheckpointError
+
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
