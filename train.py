@@ -183,6 +183,9 @@ def main(argv=None) -> int:
         executed = executed_parameter_count(copy.deepcopy(model), splits["train"].images[:1].float().to(device) / 255)
     print(f"{cfg.model_name} on {info.name} ({info.size}³, {info.num_classes} classes, {info.task}); "
           f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; device {device}")
+    if md5 is not None:
+        print(f"data file {info.path} MD5 {md5} "
+              f"({'as in medmnist.INFO' if md5 == info.md5 else f'NOT the released file, which has {info.md5}'})")
     print(f"parameters (executed path): {executed:,}")
     if executed != count_parameters(model):
         print(f"warning: {count_parameters(model) - executed:,} parameters of the model receive no gradient")
