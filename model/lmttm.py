@@ -49,8 +49,7 @@ class LMTTM(TokenTuringMachine):
     """Linked memory with the tri-temporal (past / current / future) read and a write into the future block."""
 
     def __init__(self, cfg: LMTTMConfig, *, in_channels: int, num_classes: int, input_size: int):
-        patch = (cfg.depth_patch_size or cfg.patch_size, cfg.patch_size, cfg.patch_size)
-        _, n = steps_and_tokens(input_size, patch)
+        _, n = steps_and_tokens(input_size, cfg.patch)
         m, r = cfg.memory_tokens // cfg.blocks, cfg.read_tokens
         super().__init__(cfg, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                          read_length=m + n, write_length=3 * m + n + 3 * r, processor_tokens=3 * r)

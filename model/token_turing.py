@@ -62,6 +62,11 @@ class TTMConfig:
         if self.processor == "transformer" and self.dim % self.heads:
             raise ValueError(f"dim = {self.dim} must be divisible by heads = {self.heads}")
 
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """Stem patch (depth, height, width)."""
+        return (self.depth_patch_size or self.patch_size, self.patch_size, self.patch_size)
+
     def compat_options(self) -> list[str]:
         return [name for name in self.__dataclass_fields__ if name.startswith("compat_")]
 
@@ -88,7 +93,7 @@ class TokenTuringMachine(nn.Module):
                  read_length: int, write_length: int, processor_tokens: int):
         super().__init__()
         self.cfg = cfg
-        patch = (cfg.depth_patch_size or cfg.patch_size, cfg.patch_size, cfg.patch_size)
+        patch = cfg.patch
         self.steps, self.input_tokens = steps_and_tokens(input_size, patch)  # T, n
         self.read_length, self.write_length = read_length, write_length
         self.stem = build_stem(cfg.stem, in_channels=in_channels, dim=cfg.dim, patch=patch)

@@ -21,8 +21,7 @@ class TTM(TokenTuringMachine):
     """Whole-memory read and write."""
 
     def __init__(self, cfg: TTMConfig, *, in_channels: int, num_classes: int, input_size: int):
-        patch = (cfg.depth_patch_size or cfg.patch_size, cfg.patch_size, cfg.patch_size)
-        _, n = steps_and_tokens(input_size, patch)
+        _, n = steps_and_tokens(input_size, cfg.patch)
         M, r = cfg.memory_tokens, cfg.read_tokens
         super().__init__(cfg, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                          read_length=M + n, write_length=M + n + r, processor_tokens=r)
