@@ -14,6 +14,7 @@ tokens' per-token terms are computed once and shared by the three reads (exactly
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -26,8 +27,8 @@ from model.token_turing import TokenTuringMachine, TTMConfig
 @dataclass
 class LMTTMConfig(TTMConfig):
     blocks: int = field(default=4, metadata={"min": 1, "help": "linked memory blocks k (M must be divisible by k)"})
-    compat_global_pointer: bool = field(default=False, metadata={
-        "help": "original: the block pointer lives on the module and is never reset (§9.3)"})
+    compat_global_pointer: Optional[bool] = field(default=None, metadata={
+        "help": "original: the block pointer lives on the module and is never reset (§9.3); null = official_compat"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -41,19 +41,37 @@ class TTMConfig:
     noise: str = field(default="normal", metadata={"choices": list(NOISE_MODES), "help": "memory noise mode (paper Table 7)"})
     noise_rate: float = field(default=0.2, metadata={"min": 0.0, "help": "memory noise rate"})
     official_compat: bool = field(default=False, metadata={
-        "help": "preset: switch on every compat_* option (the original code's behaviour, spec §9.1-4)"})
-    compat_batch_attention: bool = field(default=False, metadata={
-        "help": "original defect: samples of a batch attend to each other in the transformer (§9.1)"})
-    compat_random_pos: bool = field(default=False, metadata={
-        "help": "original: fresh N(0, 0.02²) positional embeddings on every call, not learned (§9.2)"})
-    compat_carry_memory: bool = field(default=False, metadata={
+        "help": "preset: the original code's behaviour (spec §9.1-5): every compat_* option left null follows it "
+                "(compat_batch_attention only with the transformer processor); training drops the last partial "
+                "batch and evaluation runs full batches at the training batch size"})
+    compat_batch_attention: Optional[bool] = field(default=None, metadata={
+        "help": "original defect: samples of a batch attend to each other in the transformer (§9.1); "
+                "null = official_compat (off for mlp and mixer, which have no attention); true needs the "
+                "transformer processor"})
+    compat_random_pos: Optional[bool] = field(default=None, metadata={
+        "help": "original: fresh N(0, 0.02²) positional embeddings on every call, not learned (§9.2); "
+                "null = official_compat"})
+    compat_carry_memory: Optional[bool] = field(default=None, metadata={
         "help": "original: memory carried (detached) from batch to batch and saved, noise at the end of every "
-                "forward in training and evaluation, frozen gamma draw (§9.4)"})
+                "forward in training and evaluation, frozen gamma draw (§9.4); null = official_compat"})
 
     def __post_init__(self):
-        if self.official_compat:
-            for name in self.compat_options():
-                setattr(self, name, True)
+        # compat_* options: null follows official_compat; an explicit value that contradicts the preset is an
+        # error, not silently overridden. The resolved values (true/false) read back to the same config.
+        for name in self.compat_options():
+            preset = self.official_compat and self.compat_preset(name)
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, preset)
+            elif not isinstance(value, bool):
+                raise ValueError(f"{name} must be true, false or null, got {value!r}")
+            elif self.official_compat and value != preset:
+                raise ValueError(f"official_compat = true contradicts {name} = {str(value).lower()}"
+                                 + (f" (processor {self.processor!r} has no attention)" if value else "")
+                                 + f"; leave {name} unset (null) or set official_compat = false")
+        if self.compat_batch_attention and self.processor != "transformer":
+            raise ValueError(f"compat_batch_attention needs the transformer processor; processor "
+                             f"{self.processor!r} has no attention between tokens or samples")
         checks = [(self.stem, STEMS, "stem"), (self.processor, PROCESSORS, "processor"),
                   (self.noise, NOISE_MODES, "noise"), (self.pos_embedding, ("learned", "none"), "pos_embedding")]
         for value, accepted, key in checks:
@@ -69,6 +87,11 @@ class TTMConfig:
 
     def compat_options(self) -> list[str]:
         return [name for name in self.__dataclass_fields__ if name.startswith("compat_")]
+
+    def compat_preset(self, name: str) -> bool:
+        """What official_compat sets `name` to: on, except batch attention without the transformer processor
+        (the original's mlp and mixer processors act per token, so there is no batch mixing to reproduce)."""
+        return name != "compat_batch_attention" or self.processor == "transformer"
 
 
 def init_weights(module: nn.Module) -> None:
