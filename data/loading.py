@@ -182,23 +182,33 @@ def batches(
     generator: torch.Generator | None = None,
     device: Device = None,
     drop_last: bool = False,
+    pad_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches of `split`.
 
     `x` is float32 in [0, 1] (the uint8 values divided by 255) of shape (B, C, S, S, S) and `y`
     is int64 (B,), both on `device` (default: where the split is). Without `shuffle` the
     batches follow the dataset order; with it the order is ``torch.randperm(N, generator=generator)``
-    (a CPU generator). The last, smaller batch is yielded unless `drop_last`. The uint8 images
-    are indexed first, moved to `device`, and only then converted to float.
+    (a CPU generator). The last, smaller batch is yielded unless `drop_last`; with `pad_last` it is
+    completed to `batch_size` samples by wrapping around to the first samples of the order (as often
+    as needed when `batch_size` > N), so every batch is full and made of real volumes: the samples
+    past position N of the concatenated batches are padding for the caller to discard. The uint8
+    images are indexed first, moved to `device`, and only then converted to float.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if drop_last and pad_last:
+        raise ValueError("drop_last and pad_last exclude each other")
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         end = min(start + batch_size, n)
-        if order is None:
+        if pad_last and end - start < batch_size:  # positions start .. start + B - 1, wrapped around N
+            index = torch.arange(start, start + batch_size) % n
+            index = (index if order is None else order[index]).to(split.images.device)
+            images, labels = split.images[index], split.labels[index]
+        elif order is None:
             images, labels = split.images[start:end], split.labels[start:end]
         else:
             index = order[start:end].to(split.images.device)
