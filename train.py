@@ -7,15 +7,18 @@
 The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
 same command resumes from last.pt; a finished run is left as it is (`--restart` starts it over, keeping
-the old directory under a new name). Exit codes: 0 done, 2 bad config/data/checkpoint, 3 non-finite loss,
-130 interrupted (last.pt of the last finished epoch stays resumable).
+the old directory under a new name). The run directory is created only when training starts and is locked
+while it runs (a second train.py on it is refused). Exit codes: 0 done, 2 bad config, data, checkpoint or
+output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last finished epoch stays resumable).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import io
 import json
 import math
 import sys
@@ -27,10 +30,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import batches, data_md5
-from engine.checkpoint import CheckpointError, atomic_save, load_checkpoint, package_versions
-from engine.config import Config, config_to_dict, describe_config, load_config
+from engine.checkpoint import CheckpointError, load_checkpoint, package_versions
+from engine.config import Config, config_from_dict, config_to_dict, describe_config, load_config
 from engine.evaluate import official_metrics, predict_scores
-from engine.setup import load_data, model_from_config, resolve_device, run_cli, seed_everything
+from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
+                           json_safe, remove_stale_temporaries)
+from engine.setup import (apply_determinism, check_split, load_data, load_weights, model_from_config,
+                          resolve_device, restore_rng_state, rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
 
 METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
@@ -91,43 +97,90 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device) ->
 
 
 def check_resumable(cfg: Config, ckpt: dict, path: Path) -> None:
-    """Refuse to resume a run directory that holds a run of another config."""
+    """Refuse to resume a run directory that holds a run of another config (a key the checkpoint's config
+    lacks, because it was added later, counts as its default)."""
     mine, theirs = config_to_dict(cfg), ckpt["config"]
-    diffs = [f"{s}.{k}: {theirs.get(s, {}).get(k)!r} -> {v!r}" for s in ("data", "model", "train", "eval")
-             for k, v in mine[s].items() if (s, k) not in RESUMABLE_CHANGES and theirs.get(s, {}).get(k) != v]
+    defaults = config_to_dict(config_from_dict([]))
+    missing = object()
+
+    def theirs_value(s, k):
+        value = theirs.get(s, {}).get(k, missing)
+        return defaults.get(s, {}).get(k) if value is missing else value
+
+    diffs = [f"{s}.{k}: {theirs_value(s, k)!r} -> {v!r}" for s in ("data", "model", "train", "eval")
+             for k, v in mine[s].items() if (s, k) not in RESUMABLE_CHANGES and theirs_value(s, k) != v]
     if diffs:
         raise CheckpointError(f"{path} was trained with another config ({'; '.join(diffs)}). Use another "
                               f"--output.name, or --restart to start this run over (the old one is kept aside).")
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def metrics_csv_text(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRICS_HEADER, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def metrics_rows_of(ckpt: dict, run_dir: Path) -> list[dict]:
+    """The metrics rows of the epochs a checkpoint holds: its own copy, or (a checkpoint written before
+    the rows lived in it) the rows of metrics.csv up to its epoch."""
+    if "metrics" in ckpt:
+        return [dict(r) for r in ckpt["metrics"]]
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: r.get(k, "") for k in METRICS_HEADER} for r in csv.DictReader(f)
+                if r.get("epoch", "").isdigit() and int(r["epoch"]) <= ckpt["epoch"]]
 
 
-def write_metrics_row(path: Path, row: dict, keep_through_epoch: int | None = None) -> None:
-    """Append a row to metrics.csv; `keep_through_epoch` first drops rows of epochs a resume repeats."""
-    rows = []
-    if path.exists():
-        with path.open() as f:
-            rows = [r for r in csv.DictReader(f)]
-        if keep_through_epoch is not None:
-            rows = [r for r in rows if int(r["epoch"]) <= keep_through_epoch]
-    rows.append(row)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_HEADER)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+def summary_of(ckpt: dict) -> dict:
+    """train_summary.json, a function of the final last.pt only (so it can always be rewritten from it)."""
+    return json_safe({"finished": True, "epochs": ckpt["epoch"], "best_epoch": ckpt["best_epoch"],
+                      "best_val_auc": ckpt["best_val_auc"], "param_count": ckpt.get("param_count"),
+                      "data_md5": ckpt.get("dataset", {}).get("md5"), "versions": ckpt.get("versions"),
+                      "seconds": round(float(ckpt.get("train_seconds", 0.0)), 2)})
+
+
+def sync_records(run_dir: Path, ckpt: dict, *, finished: bool) -> list[str]:
+    """Make metrics.csv (and, for a finished run, train_summary.json) agree with last.pt; return what was
+    rewritten. A kill between last.pt and these files loses nothing: they are rebuilt from last.pt."""
+    fixed = []
+    rows = metrics_rows_of(ckpt, run_dir)
+    metrics = run_dir / "metrics.csv"
+    text = metrics_csv_text(rows)
+    if "metrics" in ckpt and (not metrics.is_file() or metrics.read_text() != text):
+        atomic_write_text(text, metrics)
+        fixed.append("metrics.csv")
+    if finished:
+        summary_path = run_dir / "train_summary.json"
+        try:
+            current = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != summary_of(ckpt):
+            atomic_write_json(summary_of(ckpt), summary_path)
+            fixed.append("train_summary.json")
+    return fixed
+
+
+def prune_epoch_files(run_dir: Path, epoch: int, keep: int) -> None:
+    """Keep exactly the epoch files of epochs epoch-keep+1 .. epoch (also after a resume that lowered k)."""
+    for p in run_dir.glob("epoch_*.pt"):
+        number = p.stem[len("epoch_"):]
+        if number.isdigit() and not epoch - keep < int(number) <= epoch:
+            p.unlink(missing_ok=True)
+
+
+def read_resume(cfg: Config, run_dir: Path) -> dict | None:
+    """last.pt of the run directory, checked against the config; None for a new run."""
+    last_path = run_dir / "last.pt"
+    if not last_path.exists():
+        return None
+    resume = load_checkpoint(last_path)
+    check_resumable(cfg, resume, last_path)
+    return resume
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,29 +207,35 @@ def main(argv=None) -> int:
         for name, entry in sorted(MODELS.items()):
             print(f"{name:16s} {entry.help}")
         return 0
+    with contextlib.ExitStack() as stack:  # releases the run directory's lock on any exit
+        return _train(args, overrides, stack)
 
-    # setup: config, run directory, device, seed ----------------------------------------------------------
+
+def _train(args, overrides, stack: contextlib.ExitStack) -> int:
+    # setup: config, device, the run directory if it exists ---------------------------------------------
     cfg = load_config(args.config, overrides)
+    apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
+    device = resolve_device(cfg.train.device)
     run_dir = cfg.run_dir
     last_path = run_dir / "last.pt"
-    if args.restart and run_dir.exists():
-        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        print(f"--restart: moved the previous run to {aside}")
-    resume = load_checkpoint(last_path) if last_path.exists() else None
-    if resume is not None:
-        check_resumable(cfg, resume, last_path)
-        if resume["epoch"] >= cfg.train.epochs:
-            print(f"{run_dir} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
-                  f"nothing to do. Use --restart to train it again, or raise --train.epochs to continue.")
-            return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    lock = None
+    if run_dir.exists() or run_dir.is_symlink():
+        lock = stack.enter_context(RunLock(run_dir))
+        if args.restart:
+            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            lock.release()  # the lock file moved with the old run
+            lock = None
+            print(f"--restart: moved the previous run to {aside}")
+    resume = read_resume(cfg, run_dir) if lock is not None else None
+    if resume is not None and resume["epoch"] >= cfg.train.epochs:
+        return _already_finished(cfg, run_dir, resume)
 
-    # data and model ---------------------------------------------------------------------------------------
+    # data and model (nothing is written until they are ready) -------------------------------------------
+    seed_everything(cfg.train.seed)
     info, splits = load_data(cfg, device)
+    check_split(info, "train", splits["train"], need_all_classes=False)
+    check_split(info, "val", splits["val"], need_all_classes=True)  # model selection needs a defined AUC
     md5 = data_md5(cfg.data.name, root=cfg.data.root, size=cfg.data.size)
     model = model_from_config(cfg, info).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -188,28 +247,51 @@ def main(argv=None) -> int:
               f"({'as in medmnist.INFO' if md5 == info.md5 else f'NOT the released file, which has {info.md5}'})")
     print(f"parameters (executed path): {executed:,}")
     if executed != count_parameters(model):
-        print(f"warning: {count_parameters(model) - executed:,} parameters of the model receive no gradient")
+        print(f"warning: {count_parameters(model) - executed:,} parameters of the model get no gradient in a "
+              f"training step (they never change); training goes on")
     optimizer = make_optimizer(cfg, model.parameters())
 
-    start_epoch, best_auc, best_epoch = 0, -math.inf, -1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        set_rng_state(resume["rng"])
-        start_epoch, best_auc, best_epoch = resume["epoch"], resume["best_val_auc"], resume["best_epoch"]
-        print(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
-    else:
-        (run_dir / "metrics.csv").unlink(missing_ok=True)
+    # the run directory: created and locked only now --------------------------------------------------------
+    if lock is None:
+        lock = stack.enter_context(RunLock(run_dir))
+        resume = read_resume(cfg, run_dir)  # another process may have trained here meanwhile
+        if resume is not None and resume["epoch"] >= cfg.train.epochs:
+            return _already_finished(cfg, run_dir, resume)
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
+    (run_dir / "train_summary.json").unlink(missing_ok=True)  # the run is not finished (any more)
 
-    def checkpoint(epoch: int) -> dict:
+    start_epoch, best_auc, best_epoch, rows, seconds_before = 0, -math.inf, -1, [], 0.0
+    if resume is not None:
+        load_weights(model, resume, last_path)
+        optimizer.load_state_dict(resume["optimizer"])
+        note = restore_rng_state(resume["rng"])
+        if note:
+            print(note)
+        start_epoch, best_auc, best_epoch = resume["epoch"], resume["best_val_auc"], resume["best_epoch"]
+        rows, seconds_before = metrics_rows_of(resume, run_dir), float(resume.get("train_seconds", 0.0))
+        sync_records(run_dir, {**resume, "metrics": rows}, finished=False)
+        print(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
+    else:  # a new run: whatever an earlier attempt left before committing its first epoch is stale
+        for name in ("metrics.csv", "best.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+        prune_epoch_files(run_dir, 0, 0)
+    atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+    del resume
+
+    def checkpoint(epoch: int, train_seconds: float) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "best_val_auc": best_auc, "best_epoch": best_epoch, "config": config_to_dict(cfg),
                 "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
                             "task": info.task, "md5": md5},
-                "param_count": executed, "versions": package_versions(), "rng": rng_state()}
+                "param_count": executed, "versions": package_versions(), "rng": rng_state(),
+                "metrics": [dict(r) for r in rows], "train_seconds": train_seconds}
 
-    # epoch loop: train -> validate -> log -> save --------------------------------------------------------
-    t_start = time.time()
+    # epoch loop: train -> validate -> save (best.pt, epoch file, then last.pt = the commit) -> records ------
+    # last.pt holds the epoch's metrics row and the training time: metrics.csv and train_summary.json are
+    # rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most one epoch.
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.time()
@@ -224,33 +306,48 @@ def main(argv=None) -> int:
             improved = val_auc > best_auc
             if improved:
                 best_auc, best_epoch = val_auc, epoch + 1
-            state = checkpoint(epoch + 1)
+            rows.append({"epoch": epoch + 1, "train_loss": f"{loss:.6f}", "val_auc": f"{val_auc:.6f}",
+                         "val_acc": f"{val_acc:.6f}", "lr": f"{lr:.3g}", "time_s": f"{seconds:.2f}"})
+            seconds_before += seconds
+            state = checkpoint(epoch + 1, seconds_before)
             if improved:
                 atomic_save(state, run_dir / "best.pt")
             if cfg.train.keep_last_k:
                 atomic_save({k: state[k] for k in ("model", "epoch", "config", "dataset", "versions")},
                             run_dir / f"epoch_{epoch + 1:04d}.pt")
-                (run_dir / f"epoch_{epoch + 1 - cfg.train.keep_last_k:04d}.pt").unlink(missing_ok=True)
-            atomic_save(state, last_path)
-            write_metrics_row(run_dir / "metrics.csv",
-                              {"epoch": epoch + 1, "train_loss": f"{loss:.6f}", "val_auc": f"{val_auc:.6f}",
-                               "val_acc": f"{val_acc:.6f}", "lr": f"{lr:.3g}", "time_s": f"{seconds:.2f}"},
-                              keep_through_epoch=epoch)
+            atomic_save(state, last_path)  # the commit point of the epoch
+            prune_epoch_files(run_dir, epoch + 1, cfg.train.keep_last_k)
+            sync_records(run_dir, state, finished=epoch + 1 == cfg.train.epochs)
             print(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val AUC {val_auc:.4f}  "
                   f"val ACC {val_acc:.4f}  {seconds:.1f}s{'  *best*' if improved else ''}", flush=True)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {last_path} holds the last finished epoch. Rerun the same command to resume.")
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        print(f"\n{what} in epoch {epoch + 1}; that epoch is abandoned. {_committed(last_path)} "
+              f"Rerun the same command to resume.", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except NonFiniteLoss as err:
-        print(f"error: {err}. Stopped; {last_path} keeps the last good epoch. Try a lower --train.lr "
+        print(f"error: {err}. Stopped; {_committed(last_path)} Try a lower --train.lr "
               f"or --train.grad_clip 1.0.", file=sys.stderr)
         return 3
+    except RunDirError as err:
+        raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {_committed(last_path)} "
+                          f"Free space or fix the folder, then rerun the same command to resume.") from None
 
-    summary = {"finished": True, "epochs": cfg.train.epochs, "best_epoch": best_epoch, "best_val_auc": best_auc,
-               "param_count": executed, "data_md5": md5, "versions": package_versions(),
-               "seconds": round(time.time() - t_start, 2)}
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; checkpoints in {run_dir}")
+    return 0
+
+
+def _committed(last_path: Path) -> str:
+    return (f"{last_path} holds the last finished epoch." if last_path.exists()
+            else "No epoch had finished; nothing to resume from.")
+
+
+def _already_finished(cfg: Config, run_dir: Path, resume: dict) -> int:
+    fixed = sync_records(run_dir, resume, finished=True)
+    if fixed:
+        print(f"rebuilt {', '.join(fixed)} of {run_dir} from last.pt (an interrupted write had left it behind)")
+    print(f"{run_dir} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
+          f"nothing to do. Use --restart to train it again, or raise --train.epochs to continue.")
     return 0
 
 

@@ -76,6 +76,9 @@ class TrainConfig:
 
 
 @dataclass
+    deterministic: bool = field(default=True, metadata={
+        "help": "deterministic algorithms and no cuDNN autotuning (as the original); exact seeds and resume on CUDA "
+                "too, at some speed cost there (nothing on the CPU)"})
 class EvalConfig:
     batch_size: int = field(default=64, metadata={"min": 1, "help": "evaluation batch size (results do not depend on it by default)"})
     split: str = field(default="test", metadata={"choices": ["train", "val", "test"], "help": "split predict.py scores"})

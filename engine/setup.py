@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 
@@ -33,6 +34,74 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def apply_determinism(deterministic: bool) -> None:
+    """`train.deterministic`: deterministic algorithms (as the original code) and no cuDNN autotuning.
+
+    CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, i.e. before the first CUDA matmul; this is
+    called before anything touches the GPU. Ops that have no deterministic CUDA kernel warn (warn_only)
+    instead of stopping the run. On the CPU the flags change nothing measurable."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def rng_state() -> dict:
+    """The RNG state to checkpoint: the CPU generator and, when CUDA is available, every GPU's."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> str | None:
+    """Restore what matches this machine; return a one-line note of what could not be restored (or None).
+
+    The CPU generator is always restored. CUDA generators are restored by GPU index for the GPUs present on
+    both machines; GPUs the checkpoint lacks keep their seeded state (the resumed run then draws other
+    random numbers on them than an uninterrupted run would)."""
+    torch.set_rng_state(state["torch"])
+    saved = list(state.get("cuda") or [])
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(min(len(saved), here)):
+        torch.cuda.set_rng_state(saved[index], index)
+    if len(saved) == here:
+        return None
+    if not saved:
+        return (f"note: the checkpoint has no CUDA RNG state (saved without CUDA); the random numbers of "
+                f"{here} GPU(s) here start from the seed, so this resume is not bit-identical to an uninterrupted run")
+    if here == 0:
+        return (f"note: the CUDA RNG state of {len(saved)} GPU(s) in the checkpoint is not restored "
+                f"(no CUDA here); the CPU RNG is")
+    if here < len(saved):
+        return f"note: restored the CUDA RNG state of {here} of the {len(saved)} GPUs the checkpoint was saved with"
+    return (f"note: restored the CUDA RNG state of {len(saved)} GPU(s); the other {here - len(saved)} GPU(s) "
+            f"here start from the seed")
+
+
+def check_split(info: DatasetInfo, name: str, split, *, need_all_classes: bool) -> None:
+    """Refuse an empty split, or one lacking a class where the AUC needs every class (raises DataError).
+    Uses `data.check_split` when the data package provides it."""
+    import data
+
+    if hasattr(data, "check_split"):
+        data.check_split(info, name, split, need_all_classes=need_all_classes)
+        return
+    if len(split) == 0:
+        raise data.DataError(f"the {name} split of {info.name} is empty")
+    if need_all_classes:
+        labels = split.labels.reshape(len(split), -1).cpu()
+        present = set(labels[:, 0].tolist()) if labels.shape[1] == 1 else set(range(labels.shape[1]))
+        missing = sorted(set(range(info.num_classes)) - present)
+        if missing:
+            raise data.DataError(f"the {name} split of {info.name} has no sample of class(es) {missing}; "
+                                 f"its AUC is undefined")
+
+
 def dataset_for(cfg: Config) -> DatasetInfo:
     """The dataset's info, checking `data.out_class_num` against the class count of medmnist.INFO."""
     info = dataset_info(cfg.data.name, size=cfg.data.size, root=cfg.data.root)
@@ -53,18 +122,53 @@ def load_data(cfg: Config, device: torch.device, splits=("train", "val", "test")
 
 
 def model_from_config(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
-    return build_model(cfg.model_name, in_channels=info.in_channels, num_classes=info.num_classes,
-                       input_size=info.size, **dataclasses.asdict(cfg.model))
+    """Build the configured model; a size the model cannot take (e.g. a patch larger than the volume) is a
+    ConfigError naming the model, not a traceback."""
+    try:
+        return build_model(cfg.model_name, in_channels=info.in_channels, num_classes=info.num_classes,
+                           input_size=info.size, **dataclasses.asdict(cfg.model))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {cfg.model_name} cannot be built for {info.name} ({info.size}³): {err}") from None
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, path) -> None:
+    """Load a checkpoint's weights strictly; missing keys or mismatched shapes are a CheckpointError.
+    Uses `engine.checkpoint.load_weights` when it exists."""
+    from engine import checkpoint
+
+    if hasattr(checkpoint, "load_weights"):
+        checkpoint.load_weights(model, ckpt, path)
+        return
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()
+        raise checkpoint.CheckpointError(f"the weights in {path} do not fit the model its config describes "
+                                         f"({' '.join(line.strip() for line in first)[:300]})") from None
 
 
 def run_cli(main) -> None:
-    """Run a script's `main()` and exit with its code; a bad config, data file or checkpoint exits 2
-    with its message and no traceback."""
+    """Run a script's `main()` and exit with its code. A bad config, data file, checkpoint or output
+    folder (full disk, read-only, name too long) exits 2 with one line and no traceback; Ctrl-C exits 130
+    and SIGTERM 143 (handled like Ctrl-C) with one line, wherever they arrive."""
     from data import DataError
     from engine.checkpoint import CheckpointError
+    from engine.rundir import Terminated, handle_sigterm
 
+    handle_sigterm()
     try:
-        sys.exit(main())
+        code = main()
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
+    except Terminated:
+        print("\nterminated (SIGTERM) before any result was written", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C) before any result was written", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

@@ -1,0 +1,256 @@
+"""Run directories that survive kills, races and full disks.
+
+* `RunLock`: an exclusive `fcntl.flock` on `<run dir>/.lock`, held by train.py for the whole run. The OS drops
+  it when the process ends in any way (a `kill -9` included), so a stale lock never blocks the next run;
+  a second train.py on the same directory, or predict.py on a run being trained, is refused.
+* `atomic_write_bytes` / `atomic_write_text` / `atomic_save`: write a temporary file `.<name>.<random>.tmp`
+  in the same folder, fsync it, then `os.replace` it over the target: a reader sees the old file or the new
+  one, never a truncated one. `remove_stale_temporaries` deletes what a killed writer left behind.
+* Test hook (documented, off by default): every atomic write passes three fault points ("partial" after
+  half the bytes, "written" before the rename, "replaced" after it). With `LMTTM_FAULT_AT_WRITE=N` in the
+  environment the process kills itself with SIGKILL at the N-th fault point; in-process tests set
+  `FAULTS.at = N` instead, which raises `SimulatedKill` (a BaseException that no cleanup code catches).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import CheckpointError
+
+
+class RunDirError(CheckpointError):
+    """A run directory that cannot be used (busy, not a folder, not writable, disk full)."""
+
+
+class SimulatedKill(BaseException):
+    """Raised by the in-process fault hook: behaves like SIGKILL (no `except Exception` handler catches it)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so that the same clean-up runs; the exit code is 143."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fault injection (tests only)
+# ----------------------------------------------------------------------------------------------------------
+
+class _Faults:
+    def __init__(self):
+        self.count = 0     # fault points passed by this process
+        self.at = None     # in-process: raise SimulatedKill at this fault point
+        self.log = []      # (point, file name, stage) of every fault point passed, for tests
+
+    def reset(self, at=None):
+        self.count, self.at, self.log = 0, at, []
+
+    def point(self, path: Path, stage: str) -> None:
+        self.count += 1
+        self.log.append((self.count, Path(path).name, stage))
+        env = os.environ.get("LMTTM_FAULT_AT_WRITE")
+        if env and env.isdigit() and int(env) == self.count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.at is not None and self.at == self.count:
+            raise SimulatedKill(f"fault point {self.count}: {Path(path).name} {stage}")
+
+
+FAULTS = _Faults()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------------------------------------
+
+def _os_error(err: OSError, path: Path, what: str) -> RunDirError:
+    hint = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (disk quota exceeded)",
+            errno.EROFS: " (read-only file system)", errno.EACCES: " (no write permission)",
+            errno.ENAMETOOLONG: " (shorten output.name or output.dir)"}.get(err.errno, "")
+    return RunDirError(f"cannot {what} {path}: {err.strerror or err}{hint}")
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write `data` to `path` through a fsynced temporary file and `os.replace`."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            FAULTS.point(path, "partial")
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        FAULTS.point(path, "written")
+        os.replace(tmp, path)
+        tmp = None
+    except SimulatedKill:  # a simulated kill leaves its temporary behind, as a real one would
+        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _os_error(err, path, "write") from None
+        raise
+    FAULTS.point(path, "replaced")
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    """JSON without NaN or Infinity (they are written as null): every parser reads the file."""
+    atomic_write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", path)
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save, atomically (see `atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete the temporaries (`.<name>.*.tmp`, and the older `metrics.tmp`) a killed writer left in
+    `run_dir`; call only while holding its lock. Returns the names removed."""
+    removed = []
+    for p in Path(run_dir).iterdir():
+        if p.is_file() and ((p.name.startswith(".") and p.name.endswith(".tmp")) or p.name == "metrics.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the lock
+# ----------------------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """Exclusive lock on a run directory for the lifetime of a training process (context manager).
+
+    `RunLock(run_dir).acquire()` creates the folder (and its parents) if needed and raises RunDirError
+    when another process holds the lock or the folder cannot be used."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd = None
+
+    def acquire(self) -> RunLock:
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"the run directory {run_dir} exists but is not a folder")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileExistsError:
+            raise RunDirError(f"cannot create the run directory {run_dir}: a file of that name is in the way "
+                              f"(check output.dir and output.name)") from None
+        except NotADirectoryError:
+            raise RunDirError(f"cannot create the run directory {run_dir}: a part of output.dir is a file, "
+                              f"not a folder") from None
+        except OSError as err:
+            raise _os_error(err, run_dir, "use the run directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(f"{run_dir} is in use by another process{holder} (a training or an evaluation); "
+                              f"wait for it to finish, or use another --output.name") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the pid is only informative
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+class SharedRunLock:
+    """A shared lock taken by predict.py while it reads a run: refused while train.py holds the run's
+    exclusive lock; creates nothing when the run has no lock file (nothing trains there)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd = None
+
+    def __enter__(self):
+        path = self.run_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirError(f"{self.run_dir} is being trained right now by another process{holder}; its "
+                              f"checkpoints are still changing. Evaluate it when the training has finished.") from None
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SIGTERM like Ctrl-C
+# ----------------------------------------------------------------------------------------------------------
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Deliver SIGTERM as a `Terminated` exception (a KeyboardInterrupt) in the main thread."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
