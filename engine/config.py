@@ -73,12 +73,12 @@ class TrainConfig:
     grad_clip: float = field(default=0.0, metadata={"min": 0.0, "help": "max gradient norm; 0 = off (as the original)"})
     keep_last_k: int = field(default=0, metadata={
         "min": 0, "help": "also keep the weights of the last k epochs (for predict.py --last-k, the paper's protocol)"})
-
-
-@dataclass
     deterministic: bool = field(default=True, metadata={
         "help": "deterministic algorithms and no cuDNN autotuning (as the original); exact seeds and resume on CUDA "
                 "too, at some speed cost there (nothing on the CPU)"})
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = field(default=64, metadata={"min": 1, "help": "evaluation batch size (results do not depend on it by default)"})
     split: str = field(default="test", metadata={"choices": ["train", "val", "test"], "help": "split predict.py scores"})
