@@ -7,24 +7,29 @@
 
 The model is rebuilt from the checkpoint's own config; the config given here supplies the run directory
 and the data root, and must name the same dataset and size. Scores cover the full split in dataset
-order. Writes `<run dir>/eval/<split>/`: metrics.json, predictions.npz (y_true, y_score) and, for MedMNIST
-datasets, the evaluator's standard result CSV (re-scored to the same numbers by
-`medmnist.Evaluator.parse_and_evaluate`). Exit codes: 0 done, 2 bad config, data or checkpoint.
+order. Writes `<run dir>/eval/<split>/` (best.pt; `eval/<split>-last<k>/` with --last-k k, and a folder
+named after the checkpoint with --checkpoint, see `eval_folder`): metrics.json, predictions.npz (y_true,
+y_score) and, for MedMNIST datasets, the evaluator's standard result CSV (re-scored to the same numbers by
+`medmnist.Evaluator.parse_and_evaluate`). A run that train.py is training is refused. Exit codes: 0 done,
+2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
 
 from data import DataError
 from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.config import config_from_dict, load_config
+from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores
-from engine.setup import dataset_for, load_data, model_from_config, resolve_device, run_cli
+from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
+from engine.setup import (apply_determinism, check_split, dataset_for, load_data, load_weights, model_from_config,
+                          resolve_device, run_cli)
 
 
 def parse_args(argv=None):
@@ -33,21 +38,56 @@ def parse_args(argv=None):
     parser.add_argument("config", nargs="?", default="base.json", help="config file (a bare name is looked up in config/)")
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (default: best.pt of the run directory)")
     parser.add_argument("--split", choices=["train", "val", "test"], help="split to score (default: eval.split)")
-    parser.add_argument("--last-k", type=int, help="mean AUC/ACC over the last k epoch checkpoints (train.keep_last_k >= k)")
+    parser.add_argument("--last-k", type=int, help="mean AUC/ACC over the epoch checkpoints of the last k epochs (trained with train.keep_last_k >= k)")
     return parser.parse_known_args(argv)
 
 
-def checkpoints_to_score(args, cfg) -> tuple[list[Path], str]:
+def checkpoints_to_score(args, cfg) -> tuple[list[tuple[Path, int | None]], str]:
+    """[(path, expected epoch or None)] and the protocol's description."""
     last_k = cfg.eval.last_k if args.last_k is None else args.last_k
+    if args.last_k is not None and args.last_k < 1:
+        raise ConfigError(f"--last-k {args.last_k}: give a positive number of epoch checkpoints to average "
+                          f"(leave --last-k out to score best.pt, the MedMNIST protocol)")
     if args.checkpoint is not None:
-        return [args.checkpoint], "checkpoint"
+        if args.last_k is not None:
+            raise ConfigError("--checkpoint and --last-k exclude each other: score one checkpoint, or the last k "
+                              "epochs of the run")
+        return [(args.checkpoint, None)], "checkpoint"
     if last_k <= 0:
-        return [cfg.run_dir / "best.pt"], "best validation AUC (MedMNIST protocol)"
-    epochs = sorted(cfg.run_dir.glob("epoch_*.pt"))
-    if len(epochs) < last_k:
-        raise CheckpointError(f"--last-k {last_k} needs the last {last_k} epoch checkpoints, but {cfg.run_dir} has "
-                              f"{len(epochs)}; train with --train.keep_last_k {last_k}")
-    return epochs[-last_k:], f"mean over the last {last_k} epochs"
+        return [(cfg.run_dir / "best.pt", None)], "best validation AUC (MedMNIST protocol)"
+    last_path = cfg.run_dir / "last.pt"
+    if not last_path.is_file():
+        raise CheckpointError(f"--last-k {last_k} needs the run's last.pt to know its last epoch; {last_path} does not exist")
+    n = load_checkpoint(last_path)["epoch"]
+    if n < last_k:
+        raise CheckpointError(f"--last-k {last_k} needs the last {last_k} epoch checkpoints, but {cfg.run_dir} "
+                              f"has trained only {n} epochs")
+    wanted = [(cfg.run_dir / f"epoch_{e:04d}.pt", e) for e in range(n - last_k + 1, n + 1)]
+    missing = [p.name for p, _ in wanted if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"--last-k {last_k} needs the last {last_k} epoch checkpoints of {cfg.run_dir} (epochs "
+                              f"{n - last_k + 1}..{n}), but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              f"missing; train with --train.keep_last_k {last_k}")
+    return wanted, f"mean over the last {last_k} epochs ({n - last_k + 1}..{n})"
+
+
+def eval_folder(args, cfg, split_name: str, n_checkpoints: int) -> Path:
+    """Where the results go. The run's own protocol results: `eval/<split>/` (best.pt) and
+    `eval/<split>-last<k>/` (--last-k k). Any other checkpoint (`--checkpoint`): `eval/<split>-<name>/`
+    for a file of this run (e.g. `eval/test-last`), `eval/<split>-<its folder>-<name>-<hash>/` for a file
+    of another run (hash: 8 hex digits of its absolute path), so they never replace the run's own results."""
+    base = cfg.run_dir / "eval"
+    if args.checkpoint is None:
+        return base / (split_name if n_checkpoints == 1 and (cfg.eval.last_k if args.last_k is None else args.last_k) <= 0
+                       else f"{split_name}-last{n_checkpoints}")
+    path = Path(args.checkpoint).expanduser().resolve()
+    own = cfg.run_dir.expanduser().resolve()
+    if path == own / "best.pt":
+        return base / split_name
+    if path.parent == own:
+        return base / f"{split_name}-{path.stem}"
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return base / f"{split_name}-{path.parent.name[:40]}-{path.stem[:40]}-{digest}"
 
 
 def check_same_task(cfg, info, ckpt: dict, path: Path) -> None:
@@ -62,29 +102,49 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     split_name = args.split or cfg.eval.split
+    apply_determinism(cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     info = dataset_for(cfg)
-    paths, protocol = checkpoints_to_score(args, cfg)
-    ckpts = [load_checkpoint(path, map_location=device) for path in paths]
-    for path, ckpt in zip(paths, ckpts):
-        check_same_task(cfg, info, ckpt, path)
+    with SharedRunLock(cfg.run_dir):  # refused while train.py holds the run
+        return _evaluate(args, cfg, split_name, device, info)
+
+
+def _evaluate(args, cfg, split_name, device, info) -> int:
+    checkpoints, protocol = checkpoints_to_score(args, cfg)
+    first = load_checkpoint(checkpoints[0][0])  # fail on a wrong checkpoint before loading any data
+    check_same_task(cfg, info, first, checkpoints[0][0])
+    del first
     _, splits = load_data(cfg, device, splits=(split_name,))
     split = splits[split_name]
+    check_split(info, split_name, split, need_all_classes=True)
     labels = split.labels.cpu().numpy()
 
     results = []
-    for path, ckpt in zip(paths, ckpts):
+    for path, expected_epoch in checkpoints:  # one checkpoint in memory at a time, loaded on the CPU
+        ckpt = load_checkpoint(path, map_location="cpu")
+        check_same_task(cfg, info, ckpt, path)
+        if expected_epoch is not None and ckpt.get("epoch") != expected_epoch:
+            raise CheckpointError(f"{path} holds epoch {ckpt.get('epoch')}, not epoch {expected_epoch}: it is not "
+                                  f"a checkpoint of this run's last epochs")
         trained_cfg = config_from_dict([(str(path), ckpt["config"])])  # rebuild from the checkpoint's own config
-        model = model_from_config(trained_cfg, info).to(device)
-        model.load_state_dict(ckpt["model"])
+        model = model_from_config(trained_cfg, info)
+        load_weights(model, ckpt, path)
+        model.to(device)
+        epoch = ckpt["epoch"]
+        del ckpt
+        # the numerics of validation during training: autocast exactly when the run trained with train.amp
         scores = predict_scores(model, split, batch_size=cfg.eval.batch_size, device=device,
-                                desc=f"{split_name} {path.name}")
+                                amp=trained_cfg.train.amp, desc=f"{split_name} {path.name}")
+        del model
         auc, acc = official_metrics(labels, scores, info.task)
-        results.append((path, ckpt["epoch"], auc, acc, scores))
-        print(f"{path}: epoch {ckpt['epoch']}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
+        results.append((path, epoch, auc, acc, scores))
+        print(f"{path}: epoch {epoch}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
 
-    out_dir = cfg.run_dir / "eval" / split_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = eval_folder(args, cfg, split_name, len(results))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create {out_dir}: {err.strerror or err}") from None
     auc = float(np.mean([r[2] for r in results]))  # mean over k checkpoints, divided by k
     acc = float(np.mean([r[3] for r in results]))
     scores = results[-1][4]
@@ -96,12 +156,14 @@ def main(argv=None) -> int:
             raise DataError(f"the labels of {info.path} differ between medmnist's reader and ours")
         for _, epoch, _, _, epoch_scores in results:
             evaluator.evaluate(epoch_scores, save_folder=str(out_dir), run=f"{cfg.run_dir.name}-epoch{epoch}")
-    np.savez(out_dir / "predictions.npz", y_true=labels, y_score=scores)
+    buffer = io.BytesIO()
+    np.savez(buffer, y_true=labels, y_score=scores)
+    atomic_write_bytes(buffer.getvalue(), out_dir / "predictions.npz")
     metrics = {"split": split_name, "auc": auc, "acc": acc, "protocol": protocol,
                "checkpoint": [str(r[0]) for r in results] if len(results) > 1 else str(results[0][0]),
                "epochs": [r[1] for r in results], "per_checkpoint": [{"auc": r[2], "acc": r[3]} for r in results],
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(metrics, out_dir / "metrics.json")
     print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}")
     print(f"wrote {out_dir}")
     return 0

@@ -157,8 +157,9 @@ def test_last_k_protocol_is_a_mean_over_k(tmp_path):
     assert train.main(["demo.json", *tiny(tmp_path, "--train.keep_last_k", "2", epochs=3)]) == 0
     assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pt")) == ["epoch_0002.pt", "epoch_0003.pt"]
     assert predict.main(["demo.json", *tiny(tmp_path), "--last-k", "2"]) == 0
-    result = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
+    result = json.loads((tmp_path / "run" / "eval" / "test-last2" / "metrics.json").read_text())
     assert result["epochs"] == [2, 3]
     assert result["auc"] == pytest.approx(sum(r["auc"] for r in result["per_checkpoint"]) / 2)
-    with pytest.raises(Exception, match="needs the last 3 epoch checkpoints"):
+    assert not (tmp_path / "run" / "eval" / "test").exists()  # the MedMNIST-protocol folder is not touched
+    with pytest.raises(Exception, match=r"needs the last 3 epoch checkpoints .*epochs 1\.\.3.*epoch_0001.pt is missing"):
         predict.main(["demo.json", *tiny(tmp_path), "--last-k", "3"])
