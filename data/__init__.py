@@ -11,7 +11,7 @@ Typical use::
 
 from data.download import download_file, file_md5
 from data.info import DATASET_NAMES, DataError, DatasetInfo, dataset_info
-from data.loading import Split, batches, data_md5, load_splits
+from data.loading import Split, batches, check_split, data_md5, load_splits
 
 __all__ = [
     "DATASET_NAMES",
@@ -19,6 +19,7 @@ __all__ = [
     "DatasetInfo",
     "Split",
     "batches",
+    "check_split",
     "data_md5",
     "dataset_info",
     "download_file",

@@ -64,7 +64,7 @@ def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
     )
 
 
-def _check_split(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _check_arrays(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Check the shapes, dtypes and label range of one stored split; return labels as int64 (N,)."""
     where = f"{info.path}: {split}_images"
     expected = (info.size,) * 3
@@ -97,7 +97,14 @@ def _read_npz(info: DatasetInfo, splits: Sequence[str]) -> dict[str, tuple[np.nd
     assert info.path is not None
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
-        with np.load(info.path, allow_pickle=False) as npz:
+        loaded = np.load(info.path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single array: a .npy file renamed .npz
+            raise DataError(
+                f"{info.path} holds a single array of shape {getattr(loaded, 'shape', '?')} (a .npy file), not a "
+                f"MedMNIST .npz archive with train/val/test images and labels. Replace it with the released file "
+                f"(MD5 {info.md5}, from {info.url})."
+            )
+        with loaded as npz:
             available = set(npz.files)
             for split in splits:
                 missing = [key for key in (f"{split}_images", f"{split}_labels") if key not in available]
@@ -109,9 +116,7 @@ def _read_npz(info: DatasetInfo, splits: Sequence[str]) -> dict[str, tuple[np.nd
                 arrays[split] = (npz[f"{split}_images"], npz[f"{split}_labels"])
     except DataError:
         raise
-    except AttributeError as error:  # np.load returned a plain array: a .npy file, not an archive
-        raise _corrupt_file_error(info, error) from error
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+    except (OSError, ValueError, EOFError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error) as error:
         raise _corrupt_file_error(info, error) from error
     return arrays
 
@@ -160,6 +165,9 @@ def load_splits(
         return result
 
     assert info.path is not None and info.url is not None and info.md5 is not None
+    if info.path.exists() and not info.path.is_file():
+        raise DataError(f"{info.path} is a {'directory' if info.path.is_dir() else 'special file'}, not the dataset "
+                        f"file; move it away. {_download.manual_download_hint(info.url, info.path, info.md5)}")
     if not info.path.is_file():
         if not download:
             raise _missing_file_error(info)
@@ -167,11 +175,34 @@ def load_splits(
 
     result = {}
     for split, (images, labels) in _read_npz(info, splits).items():
-        flat_labels = _check_split(info, split, images, labels)
+        flat_labels = _check_arrays(info, split, images, labels)
         # (N, S, S, S) -> (N, 1, S, S, S): a view, the stored axis order is kept.
         result[split] = Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(flat_labels))
+        check_split(info, split, result[split], need_all_classes=False)
     _warn_unofficial_sizes(info, {split: len(data) for split, data in result.items()})
     return result
+
+
+def check_split(info: DatasetInfo, split_name: str, split: Split, *, need_all_classes: bool) -> None:
+    """Raise DataError if `split` is empty or, with `need_all_classes`, lacks a class of the task.
+
+    The official AUC (``medmnist.getAUC``: one-vs-rest per class, or binary) is undefined unless every
+    class has at least one sample, so a split scored by AUC (validation during training, the split
+    predict.py scores) needs all of them.
+    """
+    where = f"{info.path}" if info.path is not None else info.name
+    if len(split) == 0:
+        raise DataError(f"the {split_name} split of {where} is empty (0 samples); nothing can be trained or "
+                        f"scored on it. Use the released {info.name} file" + (f" (MD5 {info.md5})." if info.md5 else "."))
+    if need_all_classes:
+        present = sorted(int(c) for c in torch.unique(split.labels.detach().cpu()).tolist())
+        missing = [c for c in range(info.num_classes) if c not in present]
+        if missing:
+            raise DataError(
+                f"the {split_name} split of {where} has only classes {present} of {info.num_classes} "
+                f"({info.task}; {len(missing)} class(es) absent: {missing[:10]}); AUC is undefined when a class "
+                f"has no sample. Use a split with every class" + (f", e.g. the released file (MD5 {info.md5})." if info.md5 else ".")
+            )
 
 
 def batches(

@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,7 +70,8 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={
         "help": "fractions of the epochs at which `multistep` decays the lr"})
     gamma: float = field(default=0.1, metadata={"min": 0.0, "help": "lr factor of `multistep`"})
-    seed: int = field(default=3407, metadata={"min": 0, "help": "seed of weights, shuffling, dropout and noise"})
+    seed: int = field(default=3407, metadata={
+        "min": 0, "max": 2**32 - 1, "help": "seed of weights, shuffling, dropout and noise"})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."})
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (an addition; off = float32 as the paper)"})
     grad_clip: float = field(default=0.0, metadata={"min": 0.0, "help": "max gradient norm; 0 = off (as the original)"})
@@ -147,6 +151,11 @@ def _check_value(where: str, f: dataclasses.Field, value):
     return _check_scalar(where, tp, value, f.metadata)
 
 
+# Bound of every int key without a stated maximum: values beyond it are typos (or 1e23 read as an int), and
+# would overflow torch, numpy or the memory long after the config was accepted.
+INT_LIMIT = 2**31 - 1
+
+
 def _check_scalar(where: str, tp, value, meta):
     if tp is bool:
         ok = isinstance(value, bool)
@@ -154,11 +163,20 @@ def _check_scalar(where: str, tp, value, meta):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int) and abs(value) > 2**53:
+            raise ConfigError(f"{where} = {value} is too large for a float key")
         value = float(value) if ok else value
     else:
         ok = isinstance(value, tp)
     if not ok:
-        raise ConfigError(f"{where} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        hint = " (a whole number)" if tp is int and isinstance(value, float) else ""
+        raise ConfigError(f"{where} must be {_type_name(tp)}{hint}, got {value!r} ({type(value).__name__})")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if tp is int and "max" not in meta and abs(value) > INT_LIMIT:
+        raise ConfigError(f"{where} = {value} is out of range (at most {INT_LIMIT})")
+    if tp is str and "\x00" in value:
+        raise ConfigError(f"{where} contains a NUL character: {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where} = {value!r} is not accepted; choose one of {meta['choices']}")
     if "min" in meta and value < meta["min"]:
@@ -186,29 +204,76 @@ def _apply_section(where: str, cls: type, current: dict, layer: dict) -> dict:
 
 def resolve_config_path(name: str | Path) -> Path:
     """A path that exists is used as is; a bare name (`base`, `base.json`) is looked up in `config/`."""
+    if not isinstance(name, (str, Path)) or not str(name):
+        raise ConfigError(f"a config file must be named by a non-empty path, got {name!r}")
+    if "\x00" in str(name):
+        raise ConfigError(f"config file name {str(name)!r} contains a NUL character")
     path = Path(name).expanduser()
     if path.is_file():
         return path
+    if path.exists():
+        raise ConfigError(f"config file {str(name)!r} is a {'directory' if path.is_dir() else 'special file'}, "
+                          f"not a JSON file")
     for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.json"):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"config file {str(name)!r} not found (looked in the working directory and in {CONFIG_DIR})")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """`object_pairs_hook` of json: a key given twice in one object is an error (json keeps the last silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_json_file(path: Path) -> Any:
+    """The JSON content of a config file; every way it can be unreadable is a one-line ConfigError."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          f"save it as UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: key {err.args[0]!r} appears twice in one JSON object; keep one") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not a config: its JSON is nested too deeply") from None
+
+
 def _read_layers(path: Path, seen=()) -> list[tuple[str, dict]]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config files extend each other in a cycle: {' -> '.join(map(str, (*seen, path)))}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    raw = _parse_json_file(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+        raise ConfigError(f"{path} must hold a JSON object (with sections such as \"train\"), "
+                          f"not a {type(raw).__name__}")
     parent = raw.pop("extends", None)
     layers = []
     if parent is not None:
-        parent_path = (path.parent / parent) if (path.parent / parent).is_file() else resolve_config_path(parent)
+        if not isinstance(parent, str) or not parent.strip() or "\x00" in parent:
+            raise ConfigError(f"{path}: \"extends\" must name a config file (a non-empty string such as "
+                              f"\"base.json\"), got {json.dumps(parent)}")
+        sibling = path.parent / Path(parent).expanduser()
+        try:
+            parent_path = sibling if sibling.is_file() else resolve_config_path(parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: \"extends\": {err}") from None
         layers = _read_layers(parent_path, (*seen, path))
     return [*layers, (str(path), raw)]
 
@@ -248,9 +313,47 @@ def config_from_dict(layers: list[tuple[str, dict]], source: str = "") -> Config
         model_cfg = get_model_entry(model_name).config_cls(**model_values)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model {model_name}: {err}") from None
+    _check_milestones(values["train"].get("milestones"))
+    _check_run_name(values["output"].get("name"))
     return Config(data=DataConfig(**values["data"]), model_name=model_name, model=model_cfg,
                   train=TrainConfig(**values["train"]), eval=EvalConfig(**values["eval"]),
                   output=OutputConfig(**values["output"]), source=source)
+
+
+def _check_milestones(milestones: list[float] | None) -> None:
+    """`multistep` decays at epoch round(m * epochs) for each m: fractions in (0, 1], strictly increasing."""
+    if not milestones:
+        return
+    for i, m in enumerate(milestones):
+        if not 0 < m <= 1:
+            raise ConfigError(f"train.milestones[{i}] = {m!r} is not a fraction of the epochs in (0, 1]; "
+                              f"e.g. [0.5, 0.75] decays the lr at half and three quarters of the run")
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ConfigError(f"train.milestones = {milestones} must be strictly increasing")
+
+
+# Longest accepted run directory name, in bytes: a file name may have 255, and `--restart` renames the run to
+# `<name>.old-YYYYmmdd-HHMMSS` (20 more); the rest is room for the files other tools put beside it.
+RUN_NAME_MAX_BYTES = 200
+
+
+def _check_run_name(name: str | None) -> None:
+    """output.name becomes one folder inside output.dir: a single path component, short enough for any file system."""
+    if not name:
+        return
+    separators = [sep for sep in {"/", "\\", os.sep, os.altsep} if sep and sep in name]
+    if separators:
+        raise ConfigError(f"output.name = {name!r} must be a single folder name without {separators[0]!r}; "
+                          f"put the parent folders in output.dir")
+    if name.strip() in (".", ".."):
+        raise ConfigError(f"output.name = {name!r} is not a folder name; choose a name for the run")
+    size = len(os.fsencode(name))
+    if size > RUN_NAME_MAX_BYTES:
+        raise ConfigError(f"output.name is {size} bytes long; the run directory name must have at most "
+                          f"{RUN_NAME_MAX_BYTES} bytes ({name[:40]!r}...)")
+
+
+_OVERRIDE_KEY = re.compile(r"--[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_]")
 
 
 def parse_overrides(args: list[str]) -> dict:
@@ -268,6 +371,9 @@ def parse_overrides(args: list[str]) -> dict:
         if not eq:
             if i + 1 >= len(args):
                 raise ConfigError(f"override {arg} has no value")
+            if _OVERRIDE_KEY.match(args[i + 1]):
+                raise ConfigError(f"override {arg} has no value (it is followed by {args[i + 1]}); "
+                                  f"write {arg} VALUE")
             value, i = args[i + 1], i + 1
         section, _, name = key.partition(".")
         if not name or "." in name:
