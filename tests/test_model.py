@@ -411,20 +411,35 @@ def test_compat_batch_attention_alone_breaks_batch_independence(name):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_compat_carry_memory(name):
+    """Values, not shapes: the carried memory is the final memory plus noise (the noise part is measured
+    against a twin without noise); a batch of another size starts from the cut or zero-padded memory.
+    tests/test_fidelity.py checks the same against the hand-written reference."""
     model = _build(name, dim=32, memory_tokens=32, compat_carry_memory=True).eval()
+    quiet = _build(name, dim=32, memory_tokens=32, compat_carry_memory=True, noise="none", seed=5).eval()
+    quiet.load_state_dict(model.state_dict())
     x = _volume(batch=3)
     with torch.no_grad():
         first = model(x)
-        assert model._carried_memory is not None and model._carried_memory.shape == (3, 32, 32)
+        torch.testing.assert_close(quiet(x), first, atol=0, rtol=0)  # same start (zeros), same logits
+        assert model._carried_memory.shape == (3, 32, 32)
+        added = model._carried_memory - quiet._carried_memory  # the noise, added in evaluation too
+        assert abs(added.std().item() - 0.2) < 0.02 and abs(added.mean().item()) < 0.02
         second = model(x)
         assert _differ(first, second)
         model.reset_state()
         assert model._carried_memory is None
-        again = model(x)
-        torch.testing.assert_close(again, first, atol=0, rtol=0)
-        # a carried memory of another batch size is cut or padded
-        assert model(_volume(batch=5)).shape == (5, 2)
-        assert model(_volume(batch=1)).shape == (1, 2)
+        torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+        # another batch size: rows past the carried batch start from zeros (= a fresh model's logits),
+        # the first rows from the carried memory (≠ fresh)
+        fresh = _build(name, dim=32, memory_tokens=32, seed=7).eval()
+        fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k != "_extra_state"}, strict=False)
+        x5 = _volume(batch=5, seed=3)
+        five, alone = model(x5), fresh(x5)
+        torch.testing.assert_close(five[3:], alone[3:], atol=1e-6, rtol=0)
+        assert _differ(five[:3], alone[:3])
+        assert model._carried_memory.shape == (5, 32, 32)
+        one = model(x5[:1])
+        assert _differ(one, alone[:1]) and model._carried_memory.shape == (1, 32, 32)
 
 
 def test_compat_global_pointer_advances():
