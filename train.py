@@ -343,6 +343,12 @@ def _committed(last_path: Path) -> str:
 
 
 def _already_finished(cfg: Config, run_dir: Path, resume: dict) -> int:
+    # finish what a kill after the last commit left undone: the records, and the epoch files beyond the
+    # k the run was trained with
+    prune_epoch_files(run_dir, resume["epoch"], int(resume["config"].get("train", {}).get("keep_last_k", 0)))
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
     fixed = sync_records(run_dir, resume, finished=True)
     if fixed:
         print(f"rebuilt {', '.join(fixed)} of {run_dir} from last.pt (an interrupted write had left it behind)")
