@@ -215,12 +215,44 @@ def head(W, outputs):
     return linear(stacked.sum(dim=1) / stacked.shape[1], W["head.weight"], W["head.bias"])
 
 
+def check_shapes(W, cfg, in_channels, n_tokens):
+    """The weights have the shapes of spec §1-§6 (the reference reads sizes from W, so check them apart)."""
+    D, M, r, k = cfg["dim"], cfg["memory_tokens"], cfg["read_tokens"], cfg["blocks"]
+    lmttm = cfg["name"] == "lmttm"
+    m = M // k
+    R = 3 * r if lmttm else r  # processor tokens
+    want = {"head.bias": None}
+    for prefix, outputs in (("reader", r), ("writer", m if lmttm else M)):
+        want.update({f"{prefix}.norm.weight": (D,), f"{prefix}.hidden.weight": (D, D),
+                     f"{prefix}.to_logits.weight": (outputs, D), f"{prefix}.to_features.weight": (D, D)})
+    if cfg["stem"] == "3d":
+        want["stem.conv.weight"] = (D, in_channels, *cfg["patch"])
+    else:
+        want.update({"stem.net.0.weight": (64, in_channels, *cfg["patch"]), "stem.net.3.weight": (D, 64, 3, 3, 3)})
+    if cfg["processor"] == "transformer":
+        p = "processor.layer."
+        want.update({p + "self_attn.in_proj_weight": (3 * D, D), p + "self_attn.out_proj.weight": (D, D),
+                     p + "linear1.weight": (3 * D, D), p + "linear2.weight": (D, 3 * D)})
+    elif cfg["processor"] == "mlp":
+        want.update({"processor.block.1.weight": (3 * D, D), "processor.block.4.weight": (D, 3 * D)})
+    else:
+        want.update({"processor.token_mixing.0.weight": (6 * R, R), "processor.token_mixing.3.weight": (R, 6 * R),
+                     "processor.channel_mixing.0.weight": (3 * D, D), "processor.channel_mixing.3.weight": (D, 3 * D)})
+    if "pos_read" in W:
+        reads = (m if lmttm else M) + n_tokens
+        want.update({"pos_read": (1, reads, D), "pos_write": (1, (3 * m + n_tokens + 3 * r) if lmttm else reads + r, D)})
+    for key, shape in want.items():
+        assert key in W, f"missing weight {key}"
+        assert shape is None or tuple(W[key].shape) == shape, f"{key}: shape {tuple(W[key].shape)}, spec {shape}"
+
+
 def reference_forward(W, cfg, x, *, memory=None, noise: NoiseHook = None, start=0, return_memory=False):
     """Logits (B, K) of TTM/LMTTM from the weights W; `memory` (B, M, D) replaces the zero initial memory.
 
     Learned positional embeddings are used when W has them (`pos_read`, `pos_write`).
     """
     tokens = stem(W, cfg, x)
+    check_shapes(W, cfg, x.shape[1], tokens.shape[2])
     B, D = x.shape[0], cfg["dim"]
     if memory is None:
         memory = torch.zeros(B, cfg["memory_tokens"], D, dtype=tokens.dtype)
