@@ -165,8 +165,12 @@ def load_splits(
         return result
 
     assert info.path is not None and info.url is not None and info.md5 is not None
-    if info.path.exists() and not info.path.is_file():
-        raise DataError(f"{info.path} is a {'directory' if info.path.is_dir() else 'special file'}, not the dataset "
+    try:
+        is_file, exists, is_dir = info.path.is_file(), info.path.exists(), info.path.is_dir()
+    except OSError as error:  # e.g. a data.root too long for the file system
+        raise DataError(f"Cannot use {str(info.path)[:120]!r} as the dataset file: {error.strerror or error}.") from None
+    if exists and not is_file:
+        raise DataError(f"{info.path} is a {'directory' if is_dir else 'special file'}, not the dataset "
                         f"file; move it away. {_download.manual_download_hint(info.url, info.path, info.md5)}")
     if not info.path.is_file():
         if not download:

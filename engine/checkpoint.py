@@ -76,12 +76,17 @@ def _unreadable_reason(err: BaseException) -> str:
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint of this project with `weights_only=True`; anything else is a one-line CheckpointError."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+        empty = is_file and path.stat().st_size == 0
+    except OSError as err:  # e.g. a path too long for the file system
+        raise CheckpointError(f"cannot use checkpoint path {str(path)[:120]!r}: {err.strerror or err}") from None
+    if is_dir:
         raise CheckpointError(f"checkpoint {path} is a directory; give a .pt file (e.g. {path / 'best.pt'})")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
+    if not is_file:
+        raise CheckpointError(f"checkpoint {path} does not exist" if not exists
                               else f"checkpoint {path} is not a regular file")
-    if path.stat().st_size == 0:
+    if empty:
         raise CheckpointError(f"checkpoint {path} is an empty file (0 bytes), not a checkpoint of this project; "
                               f"delete it (a complete run directory never holds one)")
     try:

@@ -209,14 +209,17 @@ def resolve_config_path(name: str | Path) -> Path:
     if "\x00" in str(name):
         raise ConfigError(f"config file name {str(name)!r} contains a NUL character")
     path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
-        raise ConfigError(f"config file {str(name)!r} is a {'directory' if path.is_dir() else 'special file'}, "
-                          f"not a JSON file")
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.json"):
-        if candidate.is_file():
-            return candidate
+    try:
+        if path.is_file():
+            return path
+        if path.exists():
+            raise ConfigError(f"config file {str(name)!r} is a {'directory' if path.is_dir() else 'special file'}, "
+                              f"not a JSON file")
+        for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.json"):
+            if candidate.is_file():
+                return candidate
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ConfigError(f"cannot use config path {str(name)[:80]!r}: {err.strerror or err}") from None
     raise ConfigError(f"config file {str(name)!r} not found (looked in the working directory and in {CONFIG_DIR})")
 
 

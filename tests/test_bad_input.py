@@ -349,3 +349,12 @@ def test_scripts_in_subprocesses(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
         assert "Traceback" not in done.stderr and "weights_only" not in done.stderr
+
+
+def test_paths_too_long_for_the_file_system(tmp_path, monkeypatch, capsys):
+    long = "a" * 5000  # one component longer than any file system's limit: stat raises OSError, not False
+    assert "File name too long" in train_error(tmp_path, monkeypatch, capsys, long)
+    message = train_error(tmp_path, monkeypatch, capsys, *data_args(tmp_path / long))
+    assert "Cannot use" in message and "File name too long" in message
+    with pytest.raises(CheckpointError, match="cannot use checkpoint path .*File name too long"):
+        load_checkpoint(tmp_path / long)
