@@ -50,15 +50,19 @@ _md5_cache: dict[tuple[str, int, int], str] = {}
 
 def _missing_file_error(info: DatasetInfo) -> DataError:
     assert info.path is not None
+    not_a_folder = " (data.root is a file, not a folder)" if info.path.parent.is_file() else ""
     return DataError(
-        f"{info.filename} not found in {info.path.parent} (download disabled). "
+        f"{info.filename} not found in {info.path.parent}{not_a_folder} (download disabled). "
         f"{_download.manual_download_hint(info.url, info.path, info.md5)}"
     )
 
 
 def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
+    reason = f"{type(error).__name__}: {error}"
+    if "pickle" in str(error):  # never pass on numpy's advice to load pickled data unsafely
+        reason = "it holds pickled Python objects, which a MedMNIST file never does; they were not loaded"
     return DataError(
-        f"Cannot read {info.path} as a MedMNIST .npz file ({type(error).__name__}: {error}). "
+        f"Cannot read {info.path} as a MedMNIST .npz file ({reason}). "
         f"The file is probably corrupt or truncated: delete it and download it again "
         f"(expected MD5 {info.md5}, from {info.url})."
     )

@@ -358,3 +358,12 @@ def test_paths_too_long_for_the_file_system(tmp_path, monkeypatch, capsys):
     assert "Cannot use" in message and "File name too long" in message
     with pytest.raises(CheckpointError, match="cannot use checkpoint path .*File name too long"):
         load_checkpoint(tmp_path / long)
+
+
+def test_data_files_holding_pickles_and_a_root_that_is_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "adrenalmnist3d.npz").write_bytes(pickle.dumps({"train_images": [1, 2]}))
+    message = train_error(tmp_path, monkeypatch, capsys, *data_args(tmp_path))
+    assert "pickled Python objects" in message and "allow_pickle" not in message and "unsafe" not in message
+    (tmp_path / "root_file").write_text("x")
+    message = train_error(tmp_path, monkeypatch, capsys, *data_args(tmp_path / "root_file"))
+    assert "data.root is a file, not a folder" in message
