@@ -450,3 +450,37 @@ def test_noise_only_in_training_for_every_mode(mode):
     with torch.no_grad():
         trained = model(x)
     assert not torch.allclose(trained, _reference(model, x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dropout (training only; eval-mode comparisons cannot see it)
+# ----------------------------------------------------------------------------------------------------------
+
+DROPOUTS = {"transformer": 3, "mlp": 2, "mixer": 3}  # dropout layers of the processor (spec §5)
+
+
+@pytest.mark.parametrize("name", ["lmttm", "ttm"])
+@pytest.mark.parametrize("processor", list(DROPOUTS))
+def test_every_dropout_has_the_configured_rate(name, processor):
+    model = _model(name, processor=processor, dropout=0.3)
+    found = {}
+    for key, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            assert module.p == 0.3, f"{key}: p = {module.p}"
+            found[key.split(".")[0]] = found.get(key.split(".")[0], 0) + 1
+    assert found == {"reader": 1, "writer": 1, "processor": DROPOUTS[processor]}
+
+
+def test_summariser_dropout_acts_on_its_output():
+    """Training: each output element of a read is either 0 or the evaluation value / (1 - p)."""
+    model = _model("lmttm", dropout=0.5)
+    x = torch.randn(2, 30, DIM, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        clean = model.reader(x)
+        model.train()
+        torch.manual_seed(0)
+        dropped = model.reader(x)
+    zero = dropped == 0
+    assert 0.3 < zero.double().mean().item() < 0.7
+    torch.testing.assert_close(dropped[~zero], 2 * clean[~zero], **TOL)
