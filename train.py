@@ -14,6 +14,20 @@ output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last f
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # an interrupt while the imports below run: one line, nothing written (run_cli takes over)
+    import os as _os
+    import signal as _signal
+    import sys as _sys
+
+    def _interrupted_in_imports(signum, frame):
+        what = "terminated (SIGTERM)" if signum == _signal.SIGTERM else "interrupted (Ctrl-C)"
+        _sys.stderr.write(f"\n{what} before any result was written\n")
+        _os._exit(143 if signum == _signal.SIGTERM else 130)  # a library's bare `except:` cannot swallow this
+
+    _signal.signal(_signal.SIGTERM, _interrupted_in_imports)
+    if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:
+        _signal.signal(_signal.SIGINT, _interrupted_in_imports)
+
 import argparse
 import contextlib
 import copy
@@ -252,7 +266,9 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     optimizer = make_optimizer(cfg, model.parameters())
 
     # the run directory: created and locked only now --------------------------------------------------------
+    created = False
     if lock is None:
+        created = not run_dir.exists()
         lock = stack.enter_context(RunLock(run_dir))
         resume = read_resume(cfg, run_dir)  # another process may have trained here meanwhile
         if resume is not None and resume["epoch"] >= cfg.train.epochs:
@@ -271,13 +287,12 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             print(note)
         start_epoch, best_auc, best_epoch = resume["epoch"], resume["best_val_auc"], resume["best_epoch"]
         rows, seconds_before = metrics_rows_of(resume, run_dir), float(resume.get("train_seconds", 0.0))
-        sync_records(run_dir, {**resume, "metrics": rows}, finished=False)
         print(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
     else:  # a new run: whatever an earlier attempt left before committing its first epoch is stale
         for name in ("metrics.csv", "best.pt"):
             (run_dir / name).unlink(missing_ok=True)
         prune_epoch_files(run_dir, 0, 0)
-    atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+    resumed = resume is not None
     del resume
 
     def checkpoint(epoch: int, train_seconds: float) -> dict:
@@ -293,6 +308,9 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     # rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most one epoch.
     epoch = start_epoch
     try:
+        atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+        if resumed:  # metrics.csv as last.pt has it (a row a kill kept out of it comes back)
+            sync_records(run_dir, checkpoint(start_epoch, seconds_before), finished=False)
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.time()
             lr = learning_rate(cfg, epoch)
@@ -330,11 +348,27 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
               f"or --train.grad_clip 1.0.", file=sys.stderr)
         return 3
     except RunDirError as err:
-        raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {_committed(last_path)} "
-                          f"Free space or fix the folder, then rerun the same command to resume.") from None
+        committed = _committed(last_path)
+        if created and not last_path.exists():  # this call made the folder and no epoch got in: leave nothing
+            lock.release()
+            _discard_empty_run(run_dir)
+        raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {committed} "
+                          f"Free space or fix the folder, then rerun the same command.") from None
 
     print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; checkpoints in {run_dir}")
     return 0
+
+
+def _discard_empty_run(run_dir: Path) -> None:
+    """Remove a run directory this call created when it holds nothing but its own start-up files."""
+    own = {".lock", "config.json", "metrics.csv", "best.pt"}
+    try:
+        for p in run_dir.iterdir():
+            if p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:
+        pass  # best effort: a folder we cannot clean up is left as it is
 
 
 def _committed(last_path: Path) -> str:

@@ -252,5 +252,8 @@ def _raise_terminated(signum, frame):
 
 
 def handle_sigterm() -> None:
-    """Deliver SIGTERM as a `Terminated` exception (a KeyboardInterrupt) in the main thread."""
+    """Deliver SIGTERM as a `Terminated` exception (a KeyboardInterrupt) in the main thread, and Ctrl-C as
+    KeyboardInterrupt (unless SIGINT is ignored, as in a background job)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -295,9 +295,10 @@ def cli_exit(main, argv, capsys):
 
 @pytest.fixture
 def restore_sigterm():
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     yield
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
 
 
 def test_degenerate_splits_stop_before_anything_is_written(tmp_path, capsys, restore_sigterm):
@@ -350,6 +351,17 @@ def test_full_disk_stops_cleanly_and_the_run_resumes_exactly(data_root, tmp_path
     monkeypatch.setattr(rundir.os, "fsync", real_fsync)
     assert train.main(args_for(data_root, tmp_path, "run", 2)) == 0
     assert_same_run(reference, snapshot(run), "full disk")
+
+
+def test_full_disk_before_the_first_epoch_is_saved_leaves_no_run_directory(data_root, tmp_path, capsys, monkeypatch,
+                                                                           restore_sigterm):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir.os, "fsync", full_disk)
+    code, err = cli_exit(train.main, args_for(data_root, tmp_path, "run", 1), capsys)
+    assert code == 2 and "the disk is full" in err and "No epoch had finished" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoints_missing_keys_or_with_other_shapes_are_refused(data_root, tmp_path, capsys, restore_sigterm):
