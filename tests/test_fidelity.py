@@ -419,7 +419,7 @@ DRAW_STATS = {"normal": (0.0, 1.0), "uniform": (0.0, 1 / math.sqrt(12)), "laplac
 
 
 @pytest.mark.parametrize("mode", list(DRAW_STATS))
-@pytest.mark.parametrize("rate", [0.2, 0.5])
+@pytest.mark.parametrize("rate", [0.2, 0.5, 1.0])
 def test_noise_statistics_per_mode_and_rate(mode, rate):
     n = 400_000
     memory = torch.full((4, 1000, 100), 3.0, dtype=torch.float64)
@@ -431,6 +431,12 @@ def test_noise_statistics_per_mode_and_rate(mode, rate):
     assert torch.count_nonzero(added).item() > 0.99 * n or mode == "poisson"  # every element gets noise
     if mode == "poisson":
         assert abs((added == 0).double().mean().item() - math.exp(-2)) < 0.005  # P(Poisson(2) = 0)
+    # fresh draws from torch's RNG (not the frozen gamma): reproducible under a seed, new otherwise
+    small = memory[:1, :10]
+    torch.manual_seed(2)
+    a, b = add_memory_noise(small, mode, rate), add_memory_noise(small, mode, rate)
+    torch.manual_seed(2)
+    assert torch.equal(add_memory_noise(small, mode, rate), a) and not torch.equal(a, b)
 
 
 def test_frozen_gamma_is_numpy_3407():
