@@ -80,7 +80,10 @@ class MixerProcessor(nn.Module):
         return self.norm(x)
 
 
-PROCESSORS = {"transformer": TransformerProcessor, "mlp": MLPProcessor, "mixer": MixerProcessor}
+from model.memory_attention import TransformerMAMProcessor  # noqa: E402
+
+PROCESSORS = {"transformer": TransformerProcessor, "mlp": MLPProcessor, "mixer": MixerProcessor,
+              "transformer_mam": TransformerMAMProcessor}
 
 
 def build_processor(name: str, **kwargs) -> nn.Module:

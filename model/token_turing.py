@@ -71,13 +71,15 @@ class TTMConfig:
                                  + f"; leave {name} unset (null) or set official_compat = false")
         if self.compat_batch_attention and self.processor != "transformer":
             raise ValueError(f"compat_batch_attention needs the transformer processor; processor "
-                             f"{self.processor!r} has no attention between tokens or samples")
+                             f"{self.processor!r} " + ("does not reproduce that defect of the original (MAM is "
+                             "ours)" if self.processor == "transformer_mam" else "has no attention between "
+                             "tokens or samples"))
         checks = [(self.stem, STEMS, "stem"), (self.processor, PROCESSORS, "processor"),
                   (self.noise, NOISE_MODES, "noise"), (self.pos_embedding, ("learned", "none"), "pos_embedding")]
         for value, accepted, key in checks:
             if value not in accepted:
                 raise ValueError(f"unknown {key} {value!r}; choose one of {sorted(accepted)}")
-        if self.processor == "transformer" and self.dim % self.heads:
+        if self.processor in ("transformer", "transformer_mam") and self.dim % self.heads:
             raise ValueError(f"dim = {self.dim} must be divisible by heads = {self.heads}")
 
     @property
