@@ -490,3 +490,14 @@ def test_summariser_dropout_acts_on_its_output():
     zero = dropped == 0
     assert 0.3 < zero.double().mean().item() < 0.7
     torch.testing.assert_close(dropped[~zero], 2 * clean[~zero], **TOL)
+
+
+def test_global_pointer_advances_by_the_number_of_steps():
+    """28 steps (depth patch 1) over 4 blocks: the next call starts at 28 mod 4 = 0 (not at n = 81 mod 4)."""
+    model = _model("lmttm", compat_global_pointer=True, compat_carry_memory=True, noise="none",
+                   depth_patch_size=1).eval()
+    x = _volume(batch=1)
+    logits, final = _reference(model, x, return_memory=True)
+    torch.testing.assert_close(_eval_logits(model, x), logits, **TOL)
+    assert model._pointer == 0
+    torch.testing.assert_close(_eval_logits(model, x), _reference(model, x, memory=final, start=0), **TOL)
