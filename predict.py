@@ -37,13 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data import DataError
-from engine.checkpoint import CheckpointError, load_checkpoint
+from data import DataError, check_split
+from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
-from engine.setup import (apply_determinism, check_split, dataset_for, load_data, load_weights, model_from_config,
-                          resolve_device, run_cli)
+from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 
 
 def parse_args(argv=None):

@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import batches, data_md5
-from engine.checkpoint import CheckpointError, load_checkpoint, package_versions
+from data import batches, check_split, data_md5
+from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
 from engine.config import Config, config_from_dict, config_to_dict, describe_config, load_config
 from engine.evaluate import official_metrics, predict_scores
 from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
                            json_safe, remove_stale_temporaries)
-from engine.setup import (apply_determinism, check_split, load_data, load_weights, model_from_config,
-                          resolve_device, restore_rng_state, rng_state, run_cli, seed_everything)
+from engine.setup import (apply_determinism, load_data, model_from_config, resolve_device, restore_rng_state,
+                          rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
 
 METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]

@@ -78,6 +78,15 @@ def _os_error(err: OSError, path: Path, what: str) -> RunDirError:
     return RunDirError(f"cannot {what} {path}: {err.strerror or err}{hint}")
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write `data` to `path` through a fsynced temporary file and `os.replace`."""
     path = Path(path)
@@ -85,6 +94,7 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600 files; results are ordinary files
             half = len(data) // 2
             f.write(data[:half])
             f.flush()

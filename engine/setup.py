@@ -83,25 +83,6 @@ def restore_rng_state(state: dict) -> str | None:
             f"here start from the seed")
 
 
-def check_split(info: DatasetInfo, name: str, split, *, need_all_classes: bool) -> None:
-    """Refuse an empty split, or one lacking a class where the AUC needs every class (raises DataError).
-    Uses `data.check_split` when the data package provides it."""
-    import data
-
-    if hasattr(data, "check_split"):
-        data.check_split(info, name, split, need_all_classes=need_all_classes)
-        return
-    if len(split) == 0:
-        raise data.DataError(f"the {name} split of {info.name} is empty")
-    if need_all_classes:
-        labels = split.labels.reshape(len(split), -1).cpu()
-        present = set(labels[:, 0].tolist()) if labels.shape[1] == 1 else set(range(labels.shape[1]))
-        missing = sorted(set(range(info.num_classes)) - present)
-        if missing:
-            raise data.DataError(f"the {name} split of {info.name} has no sample of class(es) {missing}; "
-                                 f"its AUC is undefined")
-
-
 def dataset_for(cfg: Config) -> DatasetInfo:
     """The dataset's info, checking `data.out_class_num` against the class count of medmnist.INFO."""
     info = dataset_info(cfg.data.name, size=cfg.data.size, root=cfg.data.root)
@@ -129,22 +110,6 @@ def model_from_config(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
                            input_size=info.size, **dataclasses.asdict(cfg.model))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model {cfg.model_name} cannot be built for {info.name} ({info.size}³): {err}") from None
-
-
-def load_weights(model: torch.nn.Module, ckpt: dict, path) -> None:
-    """Load a checkpoint's weights strictly; missing keys or mismatched shapes are a CheckpointError.
-    Uses `engine.checkpoint.load_weights` when it exists."""
-    from engine import checkpoint
-
-    if hasattr(checkpoint, "load_weights"):
-        checkpoint.load_weights(model, ckpt, path)
-        return
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()
-        raise checkpoint.CheckpointError(f"the weights in {path} do not fit the model its config describes "
-                                         f"({' '.join(line.strip() for line in first)[:300]})") from None
 
 
 def run_cli(main) -> None:
