@@ -163,3 +163,18 @@ def test_last_k_protocol_is_a_mean_over_k(tmp_path):
     assert not (tmp_path / "run" / "eval" / "test").exists()  # the MedMNIST-protocol folder is not touched
     with pytest.raises(Exception, match=r"needs the last 3 epoch checkpoints .*epochs 1\.\.3.*epoch_0001.pt is missing"):
         predict.main(["demo.json", *tiny(tmp_path), "--last-k", "3"])
+
+
+def test_predict_scores_with_the_amp_setting_of_the_checkpoint(tmp_path, monkeypatch):
+    """Validation during training and test scoring use the same numerics: predict.py takes train.amp from the
+    checkpoint's config, not from its own command line."""
+    assert train.main(["demo.json", *tiny(tmp_path, "--train.amp", "true", epochs=1)]) == 0
+    seen, real = [], predict.predict_scores
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("amp"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_scores", spy)
+    assert predict.main(["demo.json", *tiny(tmp_path), "--train.amp", "false"]) == 0
+    assert seen == [True]

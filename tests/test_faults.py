@@ -258,13 +258,18 @@ def test_lowering_keep_last_k_on_resume_keeps_exactly_the_last_k_and_predict_che
 
 def test_foreign_checkpoint_is_scored_into_its_own_folder(data_root, tmp_path):
     assert train.main(args_for(data_root, tmp_path, "mine", 1)) == 0
+    from tools import sweep
+
     assert train.main(args_for(data_root, tmp_path, "other", 1, "--train.seed", "5")) == 0
-    assert predict.main(args_for(data_root, tmp_path, "mine", 1)) == 0
-    own = (tmp_path / "mine" / "eval" / "test" / "metrics.json").read_text()
     foreign = tmp_path / "other" / "best.pt"
     assert predict.main([*args_for(data_root, tmp_path, "mine", 1), "--checkpoint", str(foreign)]) == 0
+    assert not sweep.is_finished(tmp_path / "mine")  # the sweep/aggregator do not take it for the run's own result
+    assert predict.main(args_for(data_root, tmp_path, "mine", 1)) == 0
+    own = (tmp_path / "mine" / "eval" / "test" / "metrics.json").read_text()
+    assert sweep.is_finished(tmp_path / "mine")
+    assert predict.main([*args_for(data_root, tmp_path, "mine", 1), "--checkpoint", str(foreign)]) == 0
     assert (tmp_path / "mine" / "eval" / "test" / "metrics.json").read_text() == own  # untouched
-    (folder,) = [p for p in (tmp_path / "mine" / "eval").iterdir() if p.name != "test"]
+    (folder,) = [p for p in (tmp_path / "mine" / "eval").iterdir() if p.name != "test"]  # the same folder twice
     assert folder.name.startswith("test-other-best-") and len(folder.name) == len("test-other-best-") + 8
     assert json.loads((folder / "metrics.json").read_text())["checkpoint"] == str(foreign)
     assert predict.main([*args_for(data_root, tmp_path, "mine", 1), "--checkpoint",
