@@ -111,7 +111,11 @@ def test_kill_at_every_write_then_resume_equals_an_uninterrupted_run(data_root, 
     assert sum(1 for _, name, stage in points if name == "best.pt" and stage == "replaced") == 2
     assert reference["metrics"]["epoch"].tolist() == [1, 2] and list(reference["epochs"]) == ["epoch_0002.pt"]
 
-    for point, name, stage in points:
+    # "replaced" of one file leaves the disk as "partial" of the next one does, less a temporary: only the
+    # commit (last.pt) and the very last write are tried after the rename
+    tried = [(p, n, st) for p, n, st in points if st != "replaced" or n in ("last.pt", "train_summary.json")]
+    assert len(tried) == 23  # 10 writes x (partial, written) + replaced of 2 last.pt and the summary
+    for point, name, stage in tried:
         run = f"kill{point}"
         FAULTS.reset(at=point)
         with pytest.raises(SimulatedKill):
@@ -128,7 +132,7 @@ def test_kill_at_every_write_then_resume_equals_an_uninterrupted_run(data_root, 
 def test_two_kills_in_a_row_and_a_kill_during_the_resume(data_root, tmp_path):
     assert train.main(args_for(data_root, tmp_path, "straight", 3)) == 0
     reference = snapshot(tmp_path / "straight")
-    for first, second in ((11, 4), (15, 12), (22, 1)):
+    for first, second in ((11, 4), (22, 12)):
         run = f"kills{first}-{second}"
         FAULTS.reset(at=first)
         with pytest.raises(SimulatedKill):
