@@ -65,10 +65,13 @@ import argparse
 import itertools
 import json
 import math
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,12 +503,62 @@ def commands(run: Run, runs_dir: Path, extra: Optional[dict] = None, python: str
     return [python, "train.py", *args], [python, "predict.py", *args, "--split", split]
 
 
-def subprocess_runner(cmd: list, cwd: Path, log_path: Path) -> int:
-    """Run a command, appending its stdout and stderr to log_path; return its exit status."""
+class _Children:
+    """The live child processes of a sweep running several runs at once, so that Ctrl-C reaches each of
+    them exactly once (they run in their own process groups, out of the terminal's reach)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set = set()
+        self.stopping = False
+
+    def start(self, cmd, **popen_args):
+        """Popen(cmd), or None once the sweep is stopping (nothing new starts after Ctrl-C)."""
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, start_new_session=True, **popen_args)
+            self.procs.add(proc)
+            return proc
+
+    def done(self, proc):
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, sig) -> int:
+        """Send `sig` to every live child's process group; return how many were signalled."""
+        with self.lock:
+            self.stopping = True
+            procs = list(self.procs)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return len(procs)
+
+
+_CHILDREN = _Children()
+
+
+def subprocess_runner(cmd: list, cwd: Path, log_path: Path, env: Optional[dict] = None) -> int:
+    """Run a command, appending its stdout and stderr to log_path; return its exit status.
+
+    `env` (given when the sweep runs several runs at once: the thread settings) is the command's whole
+    environment; the command then runs in its own process group and the sweep forwards Ctrl-C to it."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {shlex.join(map(str, cmd))}   # {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         log.flush()
-        return subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if env is None:
+            return subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = _CHILDREN.start(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc is None:
+            log.write("not started: the sweep was interrupted\n")
+            return 130
+        try:
+            return proc.wait()
+        finally:
+            _CHILDREN.done(proc)
 
 
 def _tail(path: Path, n: int = 6) -> str:
@@ -523,9 +576,14 @@ class SweepResult:
     failed: list = field(default_factory=list)       # (name, reason, log path)
     not_started: list = field(default_factory=list)  # left for later by --max-runs
     planned: list = field(default_factory=list)      # --dry-run: runs that would run
+    interrupted: list = field(default_factory=list)  # --jobs N: stopped (or not started) by Ctrl-C / SIGTERM
+    outcomes: list = field(default_factory=list)     # --jobs N: (name, outcome line) for every run, in grid order
+    stopped_by: Optional[str] = None                 # "Ctrl-C" or "SIGTERM" when a --jobs N sweep was stopped
 
     @property
     def exit_code(self) -> int:
+        if self.stopped_by:
+            return 143 if self.stopped_by == "SIGTERM" else 130
         return 1 if self.failed else 0
 
 
@@ -535,15 +593,62 @@ def select(runs: list[Run], only: Optional[list[str]] = None) -> list[Run]:
     return [r for r in runs if any(s in r.name for s in only)]
 
 
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of a run's processes with `threads` CPU threads (torch reads OMP_NUM_THREADS when it
+    starts; MKL_NUM_THREADS for the BLAS); 0 leaves the environment as it is."""
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run_steps(run_dir: Path, train_cmd: list, predict_cmd: list, need_train: bool, runner: Runner, cwd: Path,
+               log_path: Path, env: Optional[dict] = None, say=lambda step: None) -> Optional[str]:
+    """Train (when needed) then predict one run; None when it finished, else why it did not."""
+    def call(cmd):
+        return runner(cmd, cwd, log_path) if env is None else runner(cmd, cwd, log_path, env=env)
+
+    if need_train:
+        say("train")
+        rc = call(train_cmd)
+        if rc != 0:
+            return f"train.py exited with status {rc}"
+        if not train_finished(run_dir):
+            return "train.py exited 0 but train_summary.json does not say finished"
+    say("predict")
+    rc = call(predict_cmd)
+    if rc != 0:
+        return f"predict.py exited with status {rc}"
+    if not is_finished(run_dir):
+        return "predict.py exited 0 but eval/test/metrics.json is missing"
+    return None
+
+
 def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, max_runs: Optional[int] = None,
               dry_run: bool = False, runner: Runner = subprocess_runner, python: str = sys.executable,
-              cwd: Path = REPO_ROOT, log=print) -> SweepResult:
-    """Run (or resume) the given runs in order; see the module docstring. `runner(cmd, cwd, log_path)`
-    executes one command and returns its exit status (tests pass a fake one)."""
+              cwd: Path = REPO_ROOT, log=print, jobs: int = 1, devices: Optional[list] = None,
+              threads: Optional[int] = None) -> SweepResult:
+    """Run (or resume) the given runs; see the module docstring. `runner(cmd, cwd, log_path)` executes one
+    command and returns its exit status (tests pass a fake one).
+
+    jobs > 1 runs up to `jobs` runs at once (see `_run_parallel`); `devices` (either way) are given to the
+    runs as `--train.device`, job slot k using devices[k % len(devices)]; `threads` is each run's CPU thread
+    count when jobs > 1 (None: cores // jobs, at least 1; 0: the environment's)."""
     runs_dir = Path(runs_dir)
     result = SweepResult()
     total = len(runs)
     started = 0
+    devices = list(devices or [])
+    if jobs > 1:
+        todo = []
     for i, run in enumerate(runs, 1):
         run_dir = runs_dir / run.name
         tag = f"[{i}/{total}] {run.name}"
@@ -562,7 +667,8 @@ def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, 
             result.not_started.append(run.name)
             continue
         started += 1
-        train_cmd, predict_cmd = commands(run, runs_dir, extra, python)
+        device_extra = {"train.device": devices[(started - 1) % jobs % len(devices)]} if devices else {}
+        train_cmd, predict_cmd = commands(run, runs_dir, {**(extra or {}), **device_extra}, python)
         need_train = not train_finished(run_dir)
         if dry_run:
             result.planned.append(run.name)
@@ -571,25 +677,21 @@ def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, 
                 log("  " + shlex.join(map(str, train_cmd)))
             log("  " + shlex.join(map(str, predict_cmd)))
             continue
+        if jobs > 1:
+            todo.append((tag, run))
+            continue
         run_dir.mkdir(parents=True, exist_ok=True)
         write_settings(run_dir, run.config, run_settings(run, extra))
         log_path = run_dir / "sweep.log"
         t0 = time.time()
-        reason = None
-        if need_train:
-            log(f"{tag}: training" + (" (resuming)" if (run_dir / "last.pt").exists() else ""))
-            rc = runner(train_cmd, cwd, log_path)
-            if rc != 0:
-                reason = f"train.py exited with status {rc}"
-            elif not train_finished(run_dir):
-                reason = "train.py exited 0 but train_summary.json does not say finished"
-        if reason is None:
-            log(f"{tag}: evaluating the test split")
-            rc = runner(predict_cmd, cwd, log_path)
-            if rc != 0:
-                reason = f"predict.py exited with status {rc}"
-            elif not is_finished(run_dir):
-                reason = "predict.py exited 0 but eval/test/metrics.json is missing"
+
+        def say(step):
+            if step == "train":
+                log(f"{tag}: training" + (" (resuming)" if (run_dir / "last.pt").exists() else ""))
+            else:
+                log(f"{tag}: evaluating the test split")
+
+        reason = _run_steps(run_dir, train_cmd, predict_cmd, need_train, runner, cwd, log_path, say=say)
         if reason is None:
             result.done.append(run.name)
             log(f"{tag}: done in {time.time() - t0:.0f} s")
@@ -599,7 +701,126 @@ def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, 
             tail = _tail(log_path)
             if tail:
                 log(tail)
+    if jobs > 1 and not dry_run:
+        if threads is None:
+            threads = max(1, available_cores() // jobs)
+        unstarted = _run_parallel(todo, runs_dir, result, extra=extra, jobs=jobs, devices=devices,
+                                  env=thread_env(threads), runner=runner, python=python, cwd=cwd, log=log)
+        order = {run.name: k for k, run in enumerate(runs)}
+        for part in (result.done, result.failed, result.interrupted):
+            part.sort(key=lambda item: order[item if isinstance(item, str) else item[0]])
+        failed = {name: (reason, log_path) for name, reason, log_path in result.failed}
+        for run in runs:
+            if run.name in result.skipped:
+                text = "finished before, skipped"
+            elif run.name in result.not_started:
+                text = "not started (--max-runs)"
+            elif run.name in failed:
+                reason, log_path = failed[run.name]
+                text = f"FAILED: {reason}" + (f" (log: {log_path})" if log_path else "")
+            elif run.name in unstarted:
+                text = f"not started ({result.stopped_by})"
+            elif run.name in result.interrupted:
+                text = f"stopped by {result.stopped_by}: run the same command again to resume it"
+            else:
+                text = "done"
+            result.outcomes.append((run.name, text))
     return result
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM to a sweep running several runs at once: stop them like Ctrl-C (exit status 143)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _run_parallel(todo: list, runs_dir: Path, result: SweepResult, *, extra, jobs: int, devices: list, env: dict,
+                  runner: Runner, python: str, cwd: Path, log) -> list:
+    """Run `todo` ([(tag, run)], checked and in grid order) on `jobs` job slots, each taking the next run when
+    its previous one ends; slot k passes --train.device devices[k % len(devices)]. The console gets one line
+    per run start, end and failure. Ctrl-C (or SIGTERM) starts no new run and stops the running ones with
+    the same signal (each resumes from its last.pt later); a second Ctrl-C kills them. Returns the names of
+    the runs that an interrupt left unstarted (they are in result.interrupted too)."""
+    queue = list(todo)
+    left: list = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    _CHILDREN.stopping = False
+
+    def say(text):
+        with lock:
+            log(text)
+
+    def worker(slot: int):
+        device = devices[slot % len(devices)] if devices else None
+        while True:
+            with lock:
+                if stop.is_set() or not queue:
+                    return
+                tag, run = queue.pop(0)
+            run_dir = runs_dir / run.name
+            log_path = run_dir / "sweep.log"
+            device_extra = {"train.device": device} if device else {}
+            train_cmd, predict_cmd = commands(run, runs_dir, {**(extra or {}), **device_extra}, python)
+            need_train = not train_finished(run_dir)
+            t0 = time.time()
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_settings(run_dir, run.config, run_settings(run, extra))
+                what = ("training" + (", resuming" if (run_dir / "last.pt").exists() else "")) if need_train \
+                    else "evaluating the test split"
+                say(f"{tag}: started ({what}" + (f", {device}" if device else "") + ")")
+                reason = _run_steps(run_dir, train_cmd, predict_cmd, need_train, runner, cwd, log_path, env=env)
+            except Exception as err:  # noqa: BLE001 - one run's problem (a full disk, ...) must not stop the others
+                reason = f"the sweep could not run it: {err}"
+            with lock:
+                if reason is None:
+                    result.done.append(run.name)
+                    log(f"{tag}: done in {time.time() - t0:.0f} s")
+                elif stop.is_set():
+                    result.interrupted.append(run.name)
+                    log(f"{tag}: stopped ({reason})")
+                else:
+                    result.failed.append((run.name, reason, log_path))
+                    log(f"{tag}: FAILED: {reason}; log: {log_path}")
+
+    workers = [threading.Thread(target=worker, args=(slot,), name=f"sweep-job-{slot}", daemon=True)
+               for slot in range(min(jobs, len(queue)))]
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        for w in workers:
+            w.start()
+        try:
+            for w in workers:
+                while w.is_alive():
+                    w.join(0.2)
+        except KeyboardInterrupt as err:
+            sig, result.stopped_by = (signal.SIGTERM, "SIGTERM") if isinstance(err, _Terminated) else \
+                (signal.SIGINT, "Ctrl-C")
+            with lock:
+                stop.set()
+                left = [run.name for _, run in queue]
+                queue.clear()
+            n = _CHILDREN.stop(sig)
+            say(f"\ninterrupted ({result.stopped_by}): stopping {n} running process(es); each run resumes from its "
+                f"last.pt when the same command is run again (Ctrl-C again kills them)")
+            try:
+                for w in workers:
+                    while w.is_alive():
+                        w.join(0.2)
+            except KeyboardInterrupt:
+                _CHILDREN.stop(signal.SIGKILL)
+                say("killing the running processes (their last finished epoch stays resumable)")
+                for w in workers:
+                    w.join()
+            result.interrupted.extend(left)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+    return left
 
 
 def summary_text(result: SweepResult, dry_run: bool = False) -> str:
@@ -607,12 +828,33 @@ def summary_text(result: SweepResult, dry_run: bool = False) -> str:
     if dry_run:
         lines.append(f"dry run: {len(result.planned)} run(s) to run, {len(result.skipped)} finished, "
                      f"{len(result.not_started)} beyond --max-runs")
+    elif result.outcomes:   # several runs at once: every run's outcome, in grid order
+        lines.append(f"sweep: {len(result.done)} run(s) done now, {len(result.skipped)} finished before, "
+                     f"{len(result.failed)} failed, {len(result.not_started)} not started (--max-runs)"
+                     + (f", {len(result.interrupted)} stopped by {result.stopped_by}" if result.stopped_by else ""))
+        for name, text in result.outcomes:
+            lines.append(f"  {name}: {text}")
+        for name, reason, log_path in result.failed:
+            tail = _tail(log_path) if log_path else ""
+            if tail:
+                lines.append(f"  end of {name}'s log:\n{tail}")
+        if result.stopped_by:
+            lines.append(f"stopped by {result.stopped_by}: run the same command again to resume")
+        return "\n".join(lines)
     else:
         lines.append(f"sweep: {len(result.done)} run(s) done now, {len(result.skipped)} finished before, "
                      f"{len(result.failed)} failed, {len(result.not_started)} not started (--max-runs)")
     for name, reason, log_path in result.failed:
         lines.append(f"  FAILED {name}: {reason}" + (f" (log: {log_path})" if log_path else ""))
     return "\n".join(lines)
+
+
+def parse_devices(text: str) -> list[str]:
+    """'cuda:0,cuda:1' -> ['cuda:0', 'cuda:1'] (the engine checks each name when a run starts)."""
+    devices = [d.strip() for d in text.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9_:]+", d) for d in devices):
+        raise GridError(f"--devices {text!r}: write device names separated by commas, e.g. cuda:0,cuda:1")
+    return devices
 
 
 def main(argv=None, runner: Runner = subprocess_runner) -> int:
@@ -626,13 +868,30 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="setting for every run, after the grid's (e.g. train.epochs=2, data.root=DIR)")
     parser.add_argument("--max-runs", type=int, metavar="N", help="start at most N unfinished runs")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run up to N runs at once (default 1: one after the other)")
+    parser.add_argument("--devices", metavar="DEV,DEV,...",
+                        help="devices for the runs, round-robin over the job slots (--train.device of each run), "
+                             "e.g. cuda:0,cuda:1; default: the config's train.device")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="with --jobs N > 1: CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS); "
+                             "default: cores // N, at least 1; 0 leaves the environment's")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
     args = parser.parse_args(argv)
     try:
+        if args.jobs < 1:
+            raise GridError(f"--jobs must be at least 1, got {args.jobs}")
+        if args.threads is not None and args.threads < 0:
+            raise GridError(f"--threads must be 0 or more, got {args.threads}")
+        if args.max_runs is not None and args.max_runs < 0:
+            raise GridError(f"--max-runs must be 0 or more, got {args.max_runs}")
         grid = load_grid(args.grid)
         runs = select(validate_grid(grid), args.only)
         extra = dict(parse_override(o) for o in args.override)
+        devices = parse_devices(args.devices) if args.devices is not None else []
+        if devices and "train.device" in extra:
+            raise GridError("give the device either with --devices or with --override train.device, not both")
     except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -645,8 +904,19 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
             print(f"{state:9s} {run.name}")
         return 0
     print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}")
+    if args.jobs > 1:
+        threads = args.threads if args.threads is not None else max(1, available_cores() // args.jobs)
+        print(f"up to {args.jobs} runs at once, " + (f"{threads} CPU thread(s) each" if threads else
+                                                     "CPU threads as the environment says")
+              + (f", devices {', '.join(devices)} round-robin over the job slots" if devices else ""))
+    else:
+        threads = None
+    if len(devices) > args.jobs:
+        print(f"note: only the first {args.jobs} of the {len(devices)} --devices are used (one per job slot; "
+              f"raise --jobs to use them all)")
     try:
-        result = run_sweep(runs, runs_dir, extra=extra, max_runs=args.max_runs, dry_run=args.dry_run, runner=runner)
+        result = run_sweep(runs, runs_dir, extra=extra, max_runs=args.max_runs, dry_run=args.dry_run, runner=runner,
+                           jobs=args.jobs, devices=devices, threads=threads)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
