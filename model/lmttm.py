@@ -59,6 +59,9 @@ class LMTTM(TokenTuringMachine):
         self.writer = TokenSummariser(dim=cfg.dim, num_outputs=m, dropout=cfg.dropout)
         self.reset_parameters()
 
+    #: run `forward_cached` (default); False runs `forward_plain`, the step-by-step reference (tests compare them)
+    fast_path = True
+
     def read(self, linked: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """linked (B, 3, m, D) = current, past, future blocks; inputs (B, n, D) -> P_t (B, 3r, D)."""
         m = self.block_tokens
@@ -79,6 +82,12 @@ class LMTTM(TokenTuringMachine):
         return self.writer(tokens if pos is None else tokens + pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_path and not self.cfg.compat_random_pos:
+            return self.forward_cached(x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The step-by-step forward of spec §3 (`read`, processor, `write` at every step)."""
         tokens = self.stem(x)  # (B, T, n, D)
         memory = self.initial_memory(tokens)  # (B, M, D)
         blocks = list(memory.chunk(self.cfg.blocks, dim=1))  # k × (B, m, D)
@@ -95,6 +104,90 @@ class LMTTM(TokenTuringMachine):
         self.finish_memory(torch.cat(blocks, dim=1))
         return self.classify(outputs)
 
+    def forward_cached(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as `forward_plain` with fewer operations (same logits to float rounding).
+
+        * Every summariser step before the softmax is per token, and a token's positional slot is fixed: an
+          input token always sits at the same read and write positions, and a block always at read positions
+          [:m] and at write positions [s·m, (s+1)·m) in slot s (current, past, future). So the inputs' read and
+          write terms of all T steps are computed in one batch, and a block's read terms and its write terms
+          for the three slots are computed once when the block is written (and for the initial memory) and
+          reused until it is written again, instead of at every step.
+        * The last step's write is skipped (nothing reads it) unless the memory is carried
+          (`compat_carry_memory`). The logits are unchanged; in training, the skipped write's dropout and
+          noise draws are not taken, so later draws of torch's RNG differ from `forward_plain`'s.
+
+        RNG draws otherwise happen in the plain order (reader dropout, processor, writer dropout, noise).
+        `compat_random_pos` draws fresh positions at every read and write, so it runs `forward_plain`.
+        """
+        cfg, m, k, r = self.cfg, self.block_tokens, self.cfg.blocks, self.cfg.read_tokens
+        tokens = self.stem(x)  # (B, T, n, D)
+        batch, steps, n, dim = tokens.shape
+        memory = self.initial_memory(tokens)  # (B, M, D)
+        pr, pw = self.pos_read, self.pos_write  # (1, m + n, D), (1, 3m + n + 3r, D) or None
+        carry = cfg.compat_carry_memory
+        last_write = steps - 1 if carry else steps - 2  # the last step whose write is read later (or kept)
+
+        # inputs: read terms at read positions [m:], write terms at write positions [3m, 3m + n), all steps
+        in_rl, in_rf = self.reader.token_terms(tokens if pr is None else tokens + pr[:, m:])  # (B,T,n,r|D)
+        in_wl, in_wf = self.writer.token_terms(
+            tokens if pw is None else tokens + pw[:, 3 * m: 3 * m + n])  # (B,T,n,m|D)
+        out_pos = None if pw is None else pw[:, 3 * m + n:]  # (1, 3r, D)
+        slot_pos = None if pw is None else pw[0, : 3 * m].view(3, m, dim)  # write slots cur, past, future
+
+        def block_terms(block: torch.Tensor, write: bool):
+            """Read terms (.., m, r|D) and write terms per slot (.., 3, m, m|D) (slot-free without positions)."""
+            read = self.reader.token_terms(block if pr is None else block + pr[:, :m])
+            if not write:
+                return read, None
+            return read, self.writer.token_terms(block if slot_pos is None else block.unsqueeze(-3) + slot_pos)
+
+        # initial memory: zeros (the same terms for every block and sample) unless carried
+        if carry:
+            (rl, rf), written = block_terms(memory.view(batch, k, m, dim), last_write >= 0)
+            read_terms = [(rl[:, b], rf[:, b]) for b in range(k)]
+            write_terms = [None if written is None else (written[0][:, b], written[1][:, b]) for b in range(k)]
+        else:
+            zero = memory.new_zeros(1, m, dim)
+            (rl, rf), written = block_terms(zero, last_write >= 0)
+            expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
+            read_terms = [(expand(rl), expand(rf))] * k
+            write_terms = [None if written is None else (expand(written[0]), expand(written[1]))] * k
+        blocks = list(memory.chunk(k, dim=1)) if carry else None
+
+        def slot(b: int, s: int, which: int) -> torch.Tensor:
+            terms = write_terms[b][which]
+            return terms if slot_pos is None else terms[:, s]
+
+        start = self._pointer if cfg.compat_global_pointer else 0
+        outputs = []
+        for t, (current, past, future) in enumerate(block_schedule(steps, k, start)):
+            linked = (current, past, future)
+            # read: softmax over [block ‖ inputs] of each of the 3 reads; the inputs' part in one product
+            logits = torch.cat([torch.stack([read_terms[b][0] for b in linked], dim=1),
+                                in_rl[:, t, None].expand(-1, 3, -1, -1)], dim=2)  # (B, 3, m + n, r)
+            weights = logits.softmax(dim=2).transpose(-1, -2)  # (B, 3, r, m + n)
+            pooled = weights[..., :m] @ torch.stack([read_terms[b][1] for b in linked], dim=1)  # (B, 3, r, D)
+            pooled = torch.baddbmm(pooled.view(batch, 3 * r, dim),
+                                   weights[..., m:].reshape(batch, 3 * r, n), in_rf[:, t])  # (B, 3r, D)
+            out = self.processor(self.reader.dropout(pooled))  # (B, 3r, D)
+            outputs.append(out)
+            if t > last_write:
+                break
+            out_l, out_f = self.writer.token_terms(out if out_pos is None else out + out_pos)
+            new = self.writer.pool_pieces(
+                [slot(current, 0, 0), slot(past, 1, 0), slot(future, 2, 0), in_wl[:, t], out_l],
+                [slot(current, 0, 1), slot(past, 1, 1), slot(future, 2, 1), in_wf[:, t], out_f])
+            new = self.noise_after_write(new)  # (B, m, D)
+            if carry:
+                blocks[future] = new
+            if t < steps - 1:
+                read_terms[future], write_terms[future] = block_terms(new, t + 1 <= last_write)
+        if cfg.compat_global_pointer:
+            self._pointer = (start + steps) % k
+        if carry:
+            self.finish_memory(torch.cat(blocks, dim=1))
+        return self.classify(outputs)
 
 @register_model("lmttm", LMTTMConfig, help="Linked Memory Token Turing Machine (the paper's model)")
 def build_lmttm(cfg: LMTTMConfig, *, in_channels: int, num_classes: int, input_size: int) -> LMTTM:

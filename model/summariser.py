@@ -44,3 +44,7 @@ class TokenSummariser(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(*self.token_terms(x))
+
+    def pool_pieces(self, logits: list[torch.Tensor], features: list[torch.Tensor]) -> torch.Tensor:
+        """`pool` of token sets given in pieces along the token axis (-2): one concatenation, same result."""
+        return self.pool(torch.cat(logits, dim=-2), torch.cat(features, dim=-2))
