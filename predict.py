@@ -4,13 +4,16 @@
     python predict.py adrenalmnist3d --split val
     python predict.py demo.json --checkpoint runs/demo/last.pt
     python predict.py base.json --last-k 20             # the paper's protocol: mean over the last 20 epochs
+    python predict.py base.json --last-k 20 --protocol original   # the original code's evaluation (comparison only)
 
 The model is rebuilt from the checkpoint's own config; the config given here supplies the run directory
 and the data root, and must name the same dataset and size. Scores cover the full split in dataset
 order. Writes `<run dir>/eval/<split>/` (best.pt; `eval/<split>-last<k>/` with --last-k k, and a folder
 named after the checkpoint with --checkpoint, see `eval_folder`): metrics.json, predictions.npz (y_true,
 y_score) and, for MedMNIST datasets, the evaluator's standard result CSV (re-scored to the same numbers by
-`medmnist.Evaluator.parse_and_evaluate`). A run that train.py is training is refused. Exit codes: 0 done,
+`medmnist.Evaluator.parse_and_evaluate`). `--protocol original` reproduces the original code's evaluation
+instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
+it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. A run that train.py is training is refused. Exit codes: 0 done,
 2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 
@@ -36,11 +39,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data import DataError, check_split
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
-from engine.evaluate import official_metrics, predict_scores
+from engine.evaluate import official_metrics, predict_scores, uses_full_batches
+from engine.protocols import original_mean, original_protocol_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 
@@ -52,6 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (default: best.pt of the run directory)")
     parser.add_argument("--split", choices=["train", "val", "test"], help="split to score (default: eval.split)")
     parser.add_argument("--last-k", type=int, help="mean AUC/ACC over the epoch checkpoints of the last k epochs (trained with train.keep_last_k >= k)")
+    parser.add_argument("--protocol", choices=["medmnist", "original"], default="medmnist",
+                        help="`medmnist` (default): the full split in dataset order. `original`: the ORIGINAL CODE's "
+                             "evaluation, for comparison only (shuffled, last partial batch dropped, carried state "
+                             "kept, mean over k checkpoints divided by k - 1); see REPRODUCTION.md")
+    parser.add_argument("--protocol-seed", type=int, default=0, help="shuffle seed of --protocol original")
     return parser.parse_known_args(argv)
 
 
@@ -133,6 +143,7 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     labels = split.labels.cpu().numpy()
 
     results = []
+    shuffle = torch.Generator().manual_seed(args.protocol_seed)  # --protocol original: one loader, reshuffled per checkpoint
     for path, expected_epoch in checkpoints:  # one checkpoint in memory at a time, loaded on the CPU
         ckpt = load_checkpoint(path, map_location="cpu")
         check_same_task(cfg, info, ckpt, path)
@@ -145,15 +156,27 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
         model.to(device)
         epoch = ckpt["epoch"]
         del ckpt
-        # the numerics of validation during training: autocast exactly when the run trained with train.amp
-        scores = predict_scores(model, split, batch_size=cfg.eval.batch_size, device=device,
-                                amp=trained_cfg.train.amp, desc=f"{split_name} {path.name}")
+        if args.protocol == "original":  # the original code's evaluation, reproduced for comparison only
+            torch.manual_seed(args.protocol_seed)
+            scored_labels, scores = original_protocol_scores(model, split, batch_size=trained_cfg.train.batch_size,
+                                                             generator=shuffle, device=device)
+            auc, acc = official_metrics(scored_labels, scores, info.task)
+        else:
+            # batch-dependent compat models run full batches at their training batch size (padding discarded);
+            # the numerics of validation during training: autocast exactly when the run trained with train.amp
+            full = uses_full_batches(trained_cfg.model)
+            scores = predict_scores(model, split, batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size,
+                                    device=device, amp=trained_cfg.train.amp, desc=f"{split_name} {path.name}",
+                                    full_batches=full)
+            auc, acc = official_metrics(labels, scores, info.task)
         del model
-        auc, acc = official_metrics(labels, scores, info.task)
         results.append((path, epoch, auc, acc, scores))
         print(f"{path}: epoch {epoch}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
 
     out_dir = eval_folder(args, cfg, split_name, len(results))
+    if args.protocol == "original":
+        return _write_original_protocol(out_dir.with_name(f"{out_dir.name}-original-protocol"), results, info,
+                                        split_name, len(labels), args.protocol_seed)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -178,6 +201,30 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
     atomic_write_json(metrics, out_dir / "metrics.json")
     print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}")
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _write_original_protocol(out_dir: Path, results: list, info, split_name: str, n_split: int, seed: int) -> int:
+    """metrics.json of `--protocol original`, labelled as such, in its own folder (never eval/<split>/)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"cannot create {out_dir}: {err.strerror or err}") from None
+    aucs, accs = [r[2] for r in results], [r[3] for r in results]
+    k, scored = len(results), len(results[0][4])
+    metrics = {"split": split_name, "protocol": "ORIGINAL CODE'S PROTOCOL, for comparison only (not MedMNIST's)",
+               "auc": original_mean(aucs), "acc": original_mean(accs),
+               "divided_by": max(k - 1, 1), "auc_divided_by_k": float(np.mean(aucs)),
+               "acc_divided_by_k": float(np.mean(accs)), "samples_scored": scored, "n_samples": n_split,
+               "shuffle_seed": seed, "checkpoint": [str(r[0]) for r in results], "epochs": [r[1] for r in results],
+               "per_checkpoint": [{"auc": a, "acc": c} for a, c in zip(aucs, accs)], "dataset": info.name,
+               "size": info.size}
+    atomic_write_json(metrics, out_dir / "metrics.json")
+    print(f"ORIGINAL CODE'S PROTOCOL (for comparison only; shuffled, {scored} of {n_split} {split_name} samples, "
+          f"carried state, {k} checkpoint(s) divided by {max(k - 1, 1)}): AUC {metrics['auc']:.4f}  "
+          f"ACC {metrics['acc']:.4f}  (divided by {k}: AUC {metrics['auc_divided_by_k']:.4f}  "
+          f"ACC {metrics['acc_divided_by_k']:.4f})")
     print(f"wrote {out_dir}")
     return 0
 

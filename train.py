@@ -45,19 +45,19 @@ from tqdm import tqdm
 
 from data import batches, check_split, data_md5
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
-from engine.config import Config, config_from_dict, config_to_dict, describe_config, load_config
-from engine.evaluate import official_metrics, predict_scores
+from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
+from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
                            json_safe, remove_stale_temporaries)
-from engine.setup import (apply_determinism, load_data, model_from_config, resolve_device, restore_rng_state,
-                          rng_state, run_cli, seed_everything)
+from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
+                          restore_rng_state, rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
 
 METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
 # keys that may differ between a run and its resumption (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "keep_last_k"), ("data", "root"),
                      ("data", "download"), ("data", "device_cache"), ("eval", "batch_size"), ("eval", "split"),
-                     ("eval", "last_k")}
+                     ("eval", "last_k"), ("train", "compile"), ("train", "tf32")}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,29 +85,47 @@ def learning_rate(cfg: Config, epoch: int) -> float:
     return t.lr
 
 
-def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device) -> float:
-    """One pass over the shuffled training split; returns the mean loss. Raises NonFiniteLoss."""
+def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *, forward=None,
+                    check_every: int = 25) -> float:
+    """One pass over the shuffled training split; returns the mean loss. Raises NonFiniteLoss.
+
+    `forward` is the callable that runs the model (the compiled module with `train.compile`, else the model).
+    The loss is summed on the device; it is read back (a host synchronisation) only every `check_every`
+    steps and at the end, where a non-finite sum stops the epoch: nothing of it is saved, and last.pt keeps
+    the last good epoch. Models whose predictions depend on the batch (the original's compat options) see
+    full batches only: the last partial batch is dropped, as the original's loader did.
+    """
     model.train()
+    forward = model if forward is None else forward
     shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # same order on resume
     amp = cfg.train.amp and device.type == "cuda"
-    total, seen = 0.0, 0
-    steps = -(-len(split) // cfg.train.batch_size)
-    bar = tqdm(batches(split, cfg.train.batch_size, shuffle=True, generator=shuffle, device=device), total=steps,
-               desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, disable=None)
-    for x, y in bar:
+    full = uses_full_batches(cfg.model)
+    steps = len(split) // cfg.train.batch_size if full else -(-len(split) // cfg.train.batch_size)
+    total, seen = torch.zeros((), device=device), 0
+    bar = tqdm(batches(split, cfg.train.batch_size, shuffle=True, generator=shuffle, device=device, drop_last=full),
+               total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
+               disable=None)
+
+    def check(step: int) -> None:
+        mean = total.item() / seen
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(f"the training loss became {mean} in epoch {epoch + 1} (by step {step} of {steps})")
+        bar.set_postfix(loss=f"{mean:.4f}")
+
+    for step, (x, y) in enumerate(bar, start=1):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x).float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the training loss became {loss.item()} in epoch {epoch + 1} after {seen} samples")
+            loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
-        total += loss.item() * len(y)
+        total += loss.detach() * len(y)
         seen += len(y)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
-    return total / seen
+        if step % check_every == 0:
+            check(step)
+    check(steps)
+    return total.item() / seen
 
 
 def check_resumable(cfg: Config, ckpt: dict, path: Path) -> None:
@@ -229,6 +247,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     # setup: config, device, the run directory if it exists ---------------------------------------------
     cfg = load_config(args.config, overrides)
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
+    apply_tf32(cfg.train.tf32)
     device = resolve_device(cfg.train.device)
     run_dir = cfg.run_dir
     last_path = run_dir / "last.pt"
@@ -264,6 +283,13 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
         print(f"warning: {count_parameters(model) - executed:,} parameters of the model get no gradient in a "
               f"training step (they never change); training goes on")
     optimizer = make_optimizer(cfg, model.parameters())
+    full_batches = uses_full_batches(cfg.model)  # the original's compat: every batch at the training batch size
+    eval_batch = cfg.train.batch_size if full_batches else cfg.eval.batch_size
+    if full_batches and len(splits["train"]) < cfg.train.batch_size:
+        raise ConfigError(f"the compat options of this model run full batches only (as the original), but the "
+                          f"training split has {len(splits['train'])} samples, fewer than train.batch_size = "
+                          f"{cfg.train.batch_size}; lower the batch size")
+    forward = compile_model(model, cfg.train.compile)
 
     # the run directory: created and locked only now --------------------------------------------------------
     created = False
@@ -316,9 +342,9 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             lr = learning_rate(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_one_epoch(model, optimizer, splits["train"], cfg, epoch, device)
-            scores = predict_scores(model, splits["val"], batch_size=cfg.eval.batch_size, device=device,
-                                    amp=cfg.train.amp)
+            loss = train_one_epoch(model, optimizer, splits["train"], cfg, epoch, device, forward=forward)
+            scores = predict_scores(forward, splits["val"], batch_size=eval_batch, device=device,
+                                    amp=cfg.train.amp, full_batches=full_batches)
             val_auc, val_acc = official_metrics(splits["val"].labels.cpu().numpy(), scores, info.task)
             seconds = time.time() - t0
             improved = val_auc > best_auc

@@ -80,6 +80,13 @@ class TrainConfig:
     deterministic: bool = field(default=True, metadata={
         "help": "deterministic algorithms and no cuDNN autotuning (as the original); exact seeds and resume on CUDA "
                 "too, at some speed cost there (nothing on the CPU)"})
+    compile: str = field(default="none", metadata={
+        "choices": ["none", "default", "reduce-overhead", "max-autotune"],
+        "help": "torch.compile mode of the model's forward (an addition; `none` = eager). Checkpoints are the same "
+                "either way: a compiled run resumes eagerly and vice versa"})
+    tf32: bool = field(default=False, metadata={
+        "help": "TF32 matrix products and convolutions on CUDA (an addition: faster on Ampere and newer GPUs, "
+                "about 1e-3 relative error per product; off = float32 as the paper)"})
 
 
 @dataclass

@@ -50,6 +50,22 @@ def apply_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = False
 
 
+def apply_tf32(enabled: bool) -> None:
+    """`train.tf32`: TF32 for CUDA matrix products and cuDNN convolutions (no effect on the CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def compile_model(model: torch.nn.Module, mode: str):
+    """`train.compile`: the callable that runs `model` (`torch.compile(model, mode=...)`, or the model itself).
+
+    The compiled module shares the model's parameters and buffers, so checkpoints hold `model.state_dict()`
+    either way (no `_orig_mod.` prefix): a compiled run resumes eagerly and vice versa."""
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def rng_state() -> dict:
     """The RNG state to checkpoint: the CPU generator and, when CUDA is available, every GPU's."""
     state = {"torch": torch.get_rng_state()}
