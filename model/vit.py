@@ -138,13 +138,15 @@ class ViT3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Linear layers N(0, 0.02²) truncated, zero biases; the attention's stacked query/key/value projection
+        keeps `nn.MultiheadAttention`'s Xavier-uniform init (at 0.02 the queries are so small that attention
+        starts uniform and the MAM memory has no effect early in training)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, MemoryAttention):
-                nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
-                nn.init.zeros_(m.in_proj_bias)
+                m.reset_parameters()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
