@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +83,14 @@ class FakeEngine:
         self.calls = []           # (script, run name)
         self.fail = set(fail)     # run names whose `fail_step` exits 3
         self.fail_step = fail_step
+        self.envs = []            # (script, run name, env) of the calls that got an environment (--jobs N)
 
-    def __call__(self, cmd, cwd, log_path):
+    def __call__(self, cmd, cwd, log_path, env=None):
         script, config, s = parse_cmd(cmd)
         name = s["output.name"]
         self.calls.append((script, name))
+        if env is not None:
+            self.envs.append((script, name, env))
         assert Path(log_path).parent.name == name
         with open(log_path, "a") as log:
             log.write(f"fake {script} {name}\n")
@@ -296,6 +303,235 @@ def test_subprocess_runner_logs_and_returns_status(tmp_path):
     assert rc == 4
     text = log.read_text()
     assert "hello" in text and "$ " in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several runs at once (--jobs N, --devices)
+# ----------------------------------------------------------------------------------------------------------
+
+class MeetingEngine(FakeEngine):
+    """A fake engine whose training step waits until `parties` trainings are running at the same time
+    (a barrier: a sweep that runs them one after the other breaks it) and records when each step ran and
+    on which device."""
+
+    def __init__(self, parties, **kwargs):
+        super().__init__(**kwargs)
+        self.barrier = threading.Barrier(parties, timeout=20)
+        self.steps = []           # (script, name, device, start, end)
+
+    def __call__(self, cmd, cwd, log_path, env=None):
+        script, _, s = parse_cmd(cmd)
+        t0 = time.monotonic()
+        if script == "train.py":
+            self.barrier.wait()
+        rc = super().__call__(cmd, cwd, log_path, env=env)
+        self.steps.append((script, s["output.name"], s.get("train.device"), t0, time.monotonic()))
+        return rc
+
+
+def test_jobs_runs_overlap_devices_round_robin_and_threads(tmp_path, monkeypatch):
+    runs = sweep.expand(small_grid())[:8]
+    engine = MeetingEngine(4)
+    monkeypatch.setattr(sweep, "available_cores", lambda: 9)
+    lines = []
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=lines.append, jobs=4,
+                             devices=["dev0", "dev1"])
+    assert result.exit_code == 0 and result.done == [r.name for r in runs] and not result.failed
+    assert sorted(engine.calls) == sorted([(s, r.name) for r in runs for s in ("train.py", "predict.py")])
+    for run in runs:                  # each run: its own directory and log, train then predict
+        d = tmp_path / "out" / run.name
+        assert sweep.is_finished(d)
+        assert (d / "sweep.log").read_text() == f"fake train.py {run.name}\nfake predict.py {run.name}\n"
+        steps = [st for st in engine.steps if st[1] == run.name]
+        assert [st[0] for st in steps] == ["train.py", "predict.py"] and steps[0][4] <= steps[1][3]
+        assert steps[0][2] == steps[1][2]                       # both steps on the run's device
+    # the four trainings that met at the barrier ran at once: their time intervals share a point
+    first = sorted((st for st in engine.steps if st[0] == "train.py"), key=lambda st: st[3])[:4]
+    assert max(st[3] for st in first) < min(st[4] for st in first)
+    # 4 job slots over 2 devices: slots 0, 2 on dev0 and 1, 3 on dev1, so two runs per device at any time
+    assert sorted(st[2] for st in first) == ["dev0", "dev0", "dev1", "dev1"]
+    assert sorted(st[2] for st in engine.steps if st[0] == "train.py") == ["dev0"] * 4 + ["dev1"] * 4
+    # CPU threads: 9 cores // 4 jobs
+    assert {env["OMP_NUM_THREADS"] for _, _, env in engine.envs} == {"2"}
+    assert {env["MKL_NUM_THREADS"] for _, _, env in engine.envs} == {"2"}
+    # the console: one line per run start and one per end, nothing from the runs themselves
+    assert len(lines) == 2 * len(runs) and all("fake" not in line for line in lines)
+    assert sum(": started (training, dev" in line for line in lines) == len(runs)
+    assert sum(": done in" in line for line in lines) == len(runs)
+    # the device is no setting of the run: a later sweep without --devices finds them finished
+    again = FakeEngine()
+    result = sweep.run_sweep(runs, tmp_path / "out", runner=again, cwd=tmp_path, log=lambda *a: None)
+    assert again.calls == [] and result.skipped == [r.name for r in runs]
+
+
+def test_jobs_failure_does_not_stop_the_others_and_summary_lists_every_run(tmp_path, capsys):
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    names = [r.name for r in sweep.expand(small_grid())]
+    finished, bad = names[0], names[3]
+    write_fake_run(out / finished, sweep.expand(small_grid())[0].settings, config="adrenalmnist3d.json")
+    engine = MeetingEngine(2, fail={bad})
+    rc = sweep.main([str(grid_path), "--out", str(out), "--jobs", "2", "--threads", "3", "--max-runs", "6",
+                     "--devices", "cpu"], runner=engine)
+    assert rc == 1
+    printed = capsys.readouterr().out
+    started = [n for s, n in engine.calls if s == "train.py"]
+    assert sorted(started) == sorted(names[1:7])                 # --max-runs 6: the 6 unfinished runs after names[0]
+    assert ("predict.py", bad) not in engine.calls and {env["OMP_NUM_THREADS"] for *_, env in engine.envs} == {"3"}
+    assert {st[2] for st in engine.steps} == {"cpu"}            # one device: every slot uses it
+    summary = printed[printed.index("sweep: "):]
+    assert summary.splitlines()[0] == ("sweep: 5 run(s) done now, 1 finished before, 1 failed, "
+                                       "9 not started (--max-runs)")
+    outcomes = dict(line.strip().split(": ", 1) for line in summary.splitlines()[1:17])
+    assert list(outcomes) == names                               # every run, in grid order
+    assert outcomes[finished] == "finished before, skipped"
+    assert outcomes[bad].startswith("FAILED: train.py exited with status 3")
+    assert [n for n, o in outcomes.items() if o == "done"] == [n for n in names[1:7] if n != bad]
+    assert [n for n, o in outcomes.items() if o == "not started (--max-runs)"] == names[7:]
+    assert "something broke" in summary                          # the end of the failed run's log
+    assert printed.count("FAILED") == 2                          # its console line and its summary line
+
+
+def test_jobs_dry_run_bad_options_and_jobs_one_unchanged(tmp_path, capsys):
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    engine = FakeEngine()
+    assert sweep.main([str(grid_path), "--out", str(out), "--jobs", "3", "--devices", "cuda:0,cuda:1",
+                       "--dry-run", "--max-runs", "4"], runner=engine) == 0
+    printed = capsys.readouterr().out
+    assert engine.calls == [] and not out.exists()
+    # the k-th run starts on job slot k mod 3, whose device is cuda:(slot mod 2)
+    assert [line.split("--train.device ")[1].split()[0] for line in printed.splitlines()
+            if "train.py" in line] == ["cuda:0", "cuda:1", "cuda:0", "cuda:0"]
+    for bad in (["--jobs", "0"], ["--threads", "-1"], ["--devices", "cuda:0,,cuda:1"],
+                ["--devices", "cuda:0", "--override", "train.device=cpu"]):
+        assert sweep.main([str(grid_path), "--out", str(out), *bad], runner=engine) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    # --jobs 1 (the default): the runner gets no environment, so the commands run as before
+    assert sweep.main([str(grid_path), "--out", str(out), "--max-runs", "2"], runner=engine) == 0
+    assert engine.envs == [] and len(engine.calls) == 4
+    assert "run(s) at once" not in capsys.readouterr().out
+
+
+CHILD = """
+import os, signal, sys, time
+marker = sys.argv[1]
+got = []
+def handler(signum, frame):
+    got.append(signum)
+    with open(marker, "a") as f:
+        f.write(f"signal {signal.Signals(signum).name}\\n")
+signal.signal(signal.SIGINT, handler)
+signal.signal(signal.SIGTERM, handler)
+with open(marker, "a") as f:
+    f.write(f"started {os.getpid()}\\n")
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.02)
+time.sleep(0.3)          # a second signal in this window would be recorded
+sys.exit(130 if got == [signal.SIGINT] else 143 if got else 0)
+"""
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_jobs_interrupt_stops_every_child_once(tmp_path, capsys, sig, code, name):
+    """Ctrl-C (or SIGTERM) to the sweep: each running child gets the signal exactly once (the real
+    subprocess runner, children in their own process groups), no new run starts, the exit status says so."""
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    def runner(cmd, cwd, log_path, env=None):
+        name_ = parse_cmd(cmd)[2]["output.name"]
+        return sweep.subprocess_runner([sys.executable, "-c", CHILD, str(markers / name_)], cwd, log_path, env=env)
+
+    def interrupt():
+        deadline = time.time() + 30
+        while len(list(markers.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        os.kill(os.getpid(), sig)
+
+    killer = threading.Thread(target=interrupt)
+    killer.start()
+    rc = sweep.main([str(grid_path), "--out", str(out), "--jobs", "2"], runner=runner)
+    killer.join()
+    assert rc == code
+    texts = {m.name: m.read_text() for m in markers.iterdir()}
+    assert len(texts) == 2                                       # the two running runs; nothing started after
+    for text in texts.values():
+        assert text.splitlines()[1:] == [f"signal {name}"]       # exactly once each
+        pid = int(text.split()[1])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)                                      # and it has ended
+    printed = capsys.readouterr().out
+    assert "interrupted" in printed and "resume" in printed
+    assert printed.count(f"not started ({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'})") == 14
+    assert printed.count("stopped by") >= 2
+
+
+TINY_REAL = {"model.dim": 16, "model.memory_tokens": 16, "model.heads": 2, "train.batch_size": 8,
+             "eval.batch_size": 8, "train.epochs": 1, "data.download": False}
+
+
+@pytest.mark.filterwarnings("ignore:.*differ from the official")
+def test_jobs_two_real_engine_equals_jobs_one(tmp_path, monkeypatch):
+    """A real tiny grid (two seeds, fake MedMNIST file) with --jobs 2 through train.py and predict.py in
+    subprocesses; the same grid swept one run at a time gives the same metrics and scores."""
+    from helpers import write_fake_medmnist
+
+    import predict
+    import train
+
+    root = tmp_path / "data"
+    write_fake_medmnist(root, "adrenalmnist3d", n=(16, 8, 8))
+    grid = {"name": "real", "datasets": ["adrenalmnist3d"], "seeds": [0, 1], "overrides": TINY_REAL}
+    runs = sweep.expand(grid)
+    extra = {"data.root": str(root)}
+    times = {}
+
+    def timed(cmd, cwd, log_path, env=None):
+        t0 = time.monotonic()
+        rc = sweep.subprocess_runner(cmd, cwd, log_path, env=env)
+        times[(Path(cmd[1]).name, parse_cmd(cmd)[2]["output.name"])] = (t0, time.monotonic())
+        return rc
+
+    par = sweep.run_sweep(runs, tmp_path / "jobs2", extra=extra, runner=timed, log=lambda *a: None, jobs=2,
+                          devices=["cpu", "cpu"], threads=1)
+    assert par.exit_code == 0 and par.done == [r.name for r in runs]
+    (s0, e0), (s1, e1) = times[("train.py", runs[0].name)], times[("train.py", runs[1].name)]
+    assert max(s0, s1) < min(e0, e1)                             # the two trainings overlapped
+
+    def in_process(cmd, cwd, log_path):                          # the --jobs 1 reference, without the imports
+        with open(log_path, "a") as log:
+            log.write("in process\n")
+        return (train if cmd[1] == "train.py" else predict).main(cmd[2:])
+
+    monkeypatch.chdir(ROOT)
+    seq = sweep.run_sweep(runs, tmp_path / "jobs1", extra=extra, runner=in_process, log=lambda *a: None)
+    assert seq.exit_code == 0 and seq.done == [r.name for r in runs]
+    for run in runs:
+        a, b = tmp_path / "jobs2" / run.name, tmp_path / "jobs1" / run.name
+        ma, mb = (json.loads((d / "eval" / "test" / "metrics.json").read_text()) for d in (a, b))
+        assert (ma["auc"], ma["acc"]) == (mb["auc"], mb["acc"])
+        pa, pb = (np.load(d / "eval" / "test" / "predictions.npz") for d in (a, b))
+        np.testing.assert_array_equal(pa["y_score"], pb["y_score"])
+        with open(a / "metrics.csv") as fa, open(b / "metrics.csv") as fb:
+            ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
+        assert [{k: v for k, v in r.items() if k != "time_s"} for r in ra] == \
+            [{k: v for k, v in r.items() if k != "time_s"} for r in rb]
+        assert json.loads((a / "config.json").read_text())["train"]["device"] == "cpu"
+        log_text = (a / "sweep.log").read_text()
+        assert log_text.count("$ ") == 2 and f"--output.name {run.name}" in log_text
+        assert all(f"--output.name {other.name}" not in log_text for other in runs if other is not run)
+    # the seeds differ, so the two runs are not the same run twice
+    assert not np.array_equal(*(np.load(tmp_path / "jobs2" / r.name / "eval" / "test" / "predictions.npz")
+                                ["y_score"] for r in runs))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -786,17 +786,29 @@ def _run_parallel(todo: list, runs_dir: Path, result: SweepResult, *, extra, job
                     result.failed.append((run.name, reason, log_path))
                     log(f"{tag}: FAILED: {reason}; log: {log_path}")
 
-    workers = [threading.Thread(target=worker, args=(slot,), name=f"sweep-job-{slot}", daemon=True)
+    finished: set = set()
+
+    def slot_main(slot: int):
+        try:
+            worker(slot)
+        finally:
+            finished.add(slot)
+
+    def wait():
+        # Not Thread.join: on Python 3.11 a join that Ctrl-C interrupts can mark the joined thread as ended
+        # while it still runs. A worker counts once it has an ident (it runs) until it says it finished.
+        while any(w.ident is not None and slot not in finished for slot, w in enumerate(workers)):
+            time.sleep(0.05)
+
+    workers = [threading.Thread(target=slot_main, args=(slot,), name=f"sweep-job-{slot}", daemon=True)
                for slot in range(min(jobs, len(queue)))]
     in_main = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
-        for w in workers:
-            w.start()
         try:
             for w in workers:
-                while w.is_alive():
-                    w.join(0.2)
+                w.start()
+            wait()
         except KeyboardInterrupt as err:
             sig, result.stopped_by = (signal.SIGTERM, "SIGTERM") if isinstance(err, _Terminated) else \
                 (signal.SIGINT, "Ctrl-C")
@@ -807,15 +819,13 @@ def _run_parallel(todo: list, runs_dir: Path, result: SweepResult, *, extra, job
             n = _CHILDREN.stop(sig)
             say(f"\ninterrupted ({result.stopped_by}): stopping {n} running process(es); each run resumes from its "
                 f"last.pt when the same command is run again (Ctrl-C again kills them)")
-            try:
-                for w in workers:
-                    while w.is_alive():
-                        w.join(0.2)
-            except KeyboardInterrupt:
-                _CHILDREN.stop(signal.SIGKILL)
-                say("killing the running processes (their last finished epoch stays resumable)")
-                for w in workers:
-                    w.join()
+            while True:
+                try:
+                    wait()
+                    break
+                except KeyboardInterrupt:
+                    _CHILDREN.stop(signal.SIGKILL)
+                    say("killing the running processes (their last finished epoch stays resumable)")
             result.interrupted.extend(left)
     finally:
         if in_main:
