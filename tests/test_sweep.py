@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -473,6 +474,42 @@ def test_jobs_interrupt_stops_every_child_once(tmp_path, capsys, sig, code, name
     assert "interrupted" in printed and "resume" in printed
     assert printed.count(f"not started ({'Ctrl-C' if sig == signal.SIGINT else 'SIGTERM'})") == 14
     assert printed.count("stopped by") >= 2
+
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tools import sweep
+markers = Path(sys.argv[2])
+def runner(cmd, cwd, log_path, env=None):
+    name = cmd[cmd.index("--output.name") + 1]
+    return sweep.subprocess_runner([sys.executable, "-c", sys.argv[3], str(markers / name)], cwd, log_path, env=env)
+sys.exit(sweep.main(sys.argv[4:], runner=runner))
+"""
+
+
+def test_jobs_terminal_ctrl_c_reaches_each_child_once(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the sweep's children (in their own
+    groups) still get SIGINT once, from the sweep, and the sweep exits 130 with one line, no traceback."""
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(ROOT), str(markers), CHILD, str(grid_path),
+                             "--out", str(tmp_path / "runs"), "--jobs", "2"], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while len(list(markers.iterdir())) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)                       # what the terminal does
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Traceback" not in out
+    texts = [m.read_text() for m in markers.iterdir()]
+    assert len(texts) == 2 and all(t.splitlines()[1:] == ["signal SIGINT"] for t in texts)
+    assert "interrupted (Ctrl-C)" in out and out.count("not started (Ctrl-C)") == 14
 
 
 TINY_REAL = {"model.dim": 16, "model.memory_tokens": 16, "model.heads": 2, "train.batch_size": 8,
