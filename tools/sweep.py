@@ -5,6 +5,7 @@
     python tools/sweep.py experiments/table8.json --list                # runs and their state
     python tools/sweep.py experiments/table2.json --only adrenalmnist3d --max-runs 4
     python tools/sweep.py experiments/table4.json --override data.root=../shared/data/medmnist
+    python tools/sweep.py experiments/table8.json --jobs 8 --devices cuda:0,cuda:1   # 8 runs at once, 4 per GPU
 
 Each run is two engine calls, made with this Python from the repository root:
 
@@ -17,6 +18,17 @@ training finished but was not evaluated only gets the predict step; any other ru
 the engine resumes it from `last.pt`. So an interrupted sweep resumes where it stopped: run the same
 command again. A failing run does not stop the others: its output is in `<run dir>/sweep.log` (both
 steps, appended), the summary at the end lists it, and the exit status is 1.
+
+Several runs at once: `--jobs N` keeps up to N runs going (each still train.py then predict.py, in its
+own directory and `sweep.log`); N job slots each take the next unfinished run in grid order when their
+previous run ends. `--devices D1,D2,...` gives job slot k the device D[k mod len(D)] (passed to every run
+as `--train.device`; the device is not a setting of the run, so a run may resume or be skipped on
+another device). With N > 1 each run gets `--threads` CPU threads (default cores // N, at least 1) via
+OMP_NUM_THREADS and MKL_NUM_THREADS. The console shows one line per run start, end or failure (not the
+runs' output), and the summary lists every run's outcome. Ctrl-C (or SIGTERM) starts no new run and sends
+the running ones the same signal once (they run in their own process groups); each resumes from its
+last.pt when the same command runs again; the exit status is 130 (143); a second Ctrl-C kills them.
+`--jobs 1` (the default) runs one run after the other in the foreground as it always did.
 
 The sweep records each run's config file and settings in `<run dir>/sweep_settings.json`. Before a run
 directory is reused, that record (both ways: a key only one side sets counts) and the run's
