@@ -164,9 +164,10 @@ class LMTTM(TokenTuringMachine):
         for t, (current, past, future) in enumerate(block_schedule(steps, k, start)):
             linked = (current, past, future)
             # read: softmax over [block ‖ inputs] of each of the 3 reads; the inputs' part in one product
-            logits = torch.cat([torch.stack([read_terms[b][0] for b in linked], dim=1),
-                                in_rl[:, t, None].expand(-1, 3, -1, -1)], dim=2)  # (B, 3, m + n, r)
-            weights = logits.softmax(dim=2).transpose(-1, -2)  # (B, 3, r, m + n)
+            # (logits transposed, (B, 3, r, m + n): the softmax over the last axis is the fast one on CPU)
+            logits = torch.cat([torch.stack([read_terms[b][0] for b in linked], dim=1).transpose(-1, -2),
+                                in_rl[:, t, None].transpose(-1, -2).expand(-1, 3, -1, -1)], dim=-1)
+            weights = logits.softmax(dim=-1)  # (B, 3, r, m + n)
             pooled = weights[..., :m] @ torch.stack([read_terms[b][1] for b in linked], dim=1)  # (B, 3, r, D)
             pooled = torch.baddbmm(pooled.view(batch, 3 * r, dim),
                                    weights[..., m:].reshape(batch, 3 * r, n), in_rf[:, t])  # (B, 3r, D)

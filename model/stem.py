@@ -21,7 +21,7 @@ class Stem3d(nn.Module):
 
     def forward(self, x):
         x = self.conv(x).relu()  # (B, D, T, h, w)
-        return rearrange(x, "b d t h w -> b t (h w) d")
+        return rearrange(x, "b d t h w -> b t (h w) d").contiguous()  # contiguous: D is the per-token axis
 
 
 class Stem3dBN(nn.Module):
@@ -34,7 +34,7 @@ class Stem3dBN(nn.Module):
             nn.Conv3d(hidden, dim, kernel_size=3, padding=1), nn.BatchNorm3d(dim), nn.ReLU())
 
     def forward(self, x):
-        return rearrange(self.net(x), "b d t h w -> b t (h w) d")
+        return rearrange(self.net(x), "b d t h w -> b t (h w) d").contiguous()
 
 
 STEMS = {"3d": Stem3d, "3dBN": Stem3dBN}
