@@ -28,10 +28,20 @@ for LMTTM/TTM at D = M = 448 (a few seconds per training step) and 1 + 1 for ful
 (about 20 s per ResNet-18 training step). The counts used are shown in the table (`warm-up+timed`,
 training; evaluation).
 
-Reference: on a 2-core CPU the original implementation (github.com/hongkai-wei/LMTTM-VMI) does about
-63 training and 290 evaluation samples/s for LMTTM at D = M = 64, and 2.8 and 10.6 at D = M = 448
-(batch 32, 28³). These are printed beside LMTTM rows with those settings (other settings at their
-defaults, batch 32, input 28) in the column "original (2-core CPU)" of CPU tables.
+Side by side with the original (`--original PATH`, a checkout of github.com/hongkai-wei/LMTTM-VMI):
+LMTTM and TTM cases also build the original `TokenTuringMachineEncoder` (`tools/original.py`: CPU,
+torchvision stubbed, its Xavier init) with the same D, M, r, k, patch, processor, noise and dropout, in the
+same subprocess, batch, input size and thread count, and do the same work (forward, cross-entropy,
+backward, Adam step; evaluation forward under no_grad). The original carries its memory from batch to
+batch as its train.py does (`load_memory_tokens`, detached), in training and evaluation; ours runs its
+defaults. Repetitions alternate ours / original (A, B, A, B, ...) so that a busy CPU slows both alike, and
+the table shows medians and the ratio ours / original. `--compile` wraps our model in `torch.compile`
+(the original stays eager); the first call's time (compilation included) is shown beside the gain.
+
+Measured side by side (`python tools/benchmark.py --original /work/original --threads 1 --iters 7`, on a
+2-core CPU shared with other jobs, so the lead re-runs it on a quiet machine with `--threads 2`):
+LMTTM D = M = 64 2.0× training / 2.2× evaluation, TTM D = M = 64 1.0× / 1.0×; see README.md for the
+table and where the time goes.
 
 The output is Markdown (header lines and one table per device), ready to paste into README.md.
 """
@@ -43,6 +53,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -62,8 +73,6 @@ NUM_CLASSES = 2
 BASELINES = ["resnet18_2.5d", "resnet18_3d", "resnet18_acs", "resnet50_2.5d", "resnet50_3d", "resnet50_acs"]
 DEFAULT_CASES = ["lmttm:dim=64,memory_tokens=64", "ttm:dim=64,memory_tokens=64",
                  "lmttm:dim=448,memory_tokens=448", "ttm:dim=448,memory_tokens=448"]
-# (dim = memory_tokens) -> (training, evaluation) samples/s of the original code, 2-core CPU, batch 32, 28³.
-ORIGINAL_CPU = {64: (63.0, 290.0), 448: (2.8, 10.6)}
 AUTO_FAST_S = 2.0     # a first iteration faster than this: 2 warm-up + 5 timed iterations
 AUTO_BUDGET_S = 10.0  # otherwise: as many timed iterations as fit in this (1 to 5)
 
@@ -97,17 +106,24 @@ def case_label(name: str, kwargs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
 
 
-def original_reference(name: str, kwargs: dict, batch_size: int, size: int):
-    """(train, eval) samples/s of the original code for this case, or None when it has no reference."""
-    if name != "lmttm" or batch_size != 32 or size != 28:
-        return None
-    cls = MODELS[name].config_cls
-    cfg = cls(**kwargs)
-    if cfg.dim != cfg.memory_tokens or cfg.dim not in ORIGINAL_CPU:
-        return None
-    if cfg != dataclasses.replace(cls(), dim=cfg.dim, memory_tokens=cfg.memory_tokens):
-        return None  # some other setting differs from the defaults the reference was measured at
-    return ORIGINAL_CPU[cfg.dim]
+ORIGINAL_MODELS = ("lmttm", "ttm")
+
+
+def original_kwargs(name: str, kwargs: dict, batch_size: int, size: int) -> dict:
+    """`tools.original.load_original` arguments equivalent to this case's config (LMTTM and TTM only)."""
+    cfg = MODELS[name].config_cls(**kwargs)
+    unsupported = [key for key, value in (("stem", cfg.stem != "3d"), ("depth_patch_size", cfg.depth_patch_size),
+                                          ("processor_repeats", cfg.processor_repeats != 3),
+                                          ("heads", cfg.heads != 8),
+                                          ("processor", cfg.processor not in ("transformer", "mlp", "mixer")))
+                   if value]
+    if unsupported:
+        raise ValueError(f"--original: the original code has no equivalent of {', '.join(unsupported)}")
+    more = {"blocks": cfg.blocks} if name == "lmttm" else {}
+    return {"model": name, "dim": cfg.dim, "memory_tokens": cfg.memory_tokens, "batch_size": batch_size,
+            "num_classes": NUM_CLASSES, "processor": cfg.processor, "noise": cfg.noise, "dropout": cfg.dropout,
+            "read_tokens": cfg.read_tokens, "patch_size": cfg.patch_size, "input_size": size,
+            "in_channels": IN_CHANNELS, "pos_embedding": cfg.pos_embedding == "learned", **more}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,33 +155,59 @@ def _current_rss_kib() -> int:
     return rss if rss is not None else _peak_rss_kib()
 
 
-def _timed(step, device: torch.device, warmup: int | None, iters: int | None) -> tuple[float, int, int]:
-    """Seconds per call of `step` averaged over the timed iterations; also the counts used."""
+def _timed(steps: list, device: torch.device, warmup: int | None, iters: int | None):
+    """Median seconds per call of each function in `steps`, their repetitions interleaved (A, B, A, B, ...).
+
+    Returns (medians, first-call seconds, warm-up count, timed count). The first call of each is warm-up
+    iteration 1 (and includes one-time costs such as compilation); automatic counts follow the slowest
+    first call.
+    """
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    sync()
-    t0 = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - t0
+    def once(step) -> float:
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - t0
+
+    first = [once(step) for step in steps]
     if warmup is None or iters is None:
-        if first < AUTO_FAST_S:
+        if max(first) < AUTO_FAST_S:
             auto_warmup, auto_iters = 2, 5
         else:
-            auto_warmup, auto_iters = 1, max(1, min(5, int(AUTO_BUDGET_S / first)))
+            auto_warmup, auto_iters = 1, max(1, min(5, int(AUTO_BUDGET_S / max(first))))
         warmup = auto_warmup if warmup is None else warmup
         iters = auto_iters if iters is None else iters
-    for _ in range(max(warmup, 1) - 1):  # the first call above was warm-up iteration 1
-        step()
-    sync()
-    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1) - 1):  # the first calls above were warm-up iteration 1
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
     for _ in range(iters):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / iters, max(warmup, 1), iters
+        for i, step in enumerate(steps):
+            times[i].append(once(step))
+    return [statistics.median(t) for t in times], first, max(warmup, 1), iters
+
+
+def _trainer(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """(training step, evaluation step) of `forward` (x -> logits): the same work for every model."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(x), y).backward()
+        optimizer.step()
+
+    def eval_step():
+        model.eval()
+        with torch.no_grad():
+            forward(x)
+
+    return train_step, eval_step
 
 
 def run_case(spec: dict) -> dict:
@@ -201,42 +243,40 @@ def run_case(spec: dict) -> dict:
         F.cross_entropy(model(x2), y2).backward()
     train_flops = counter.get_total_flops() / 2
     model.zero_grad(set_to_none=True)
+    model.reset_state() if hasattr(model, "reset_state") else None
     del x2, y2
 
     x = torch.rand(batch, *shape, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    forward = torch.compile(model) if spec.get("compile") else model
+    ours = _trainer(forward, model, x, y)
+    original = None
+    if spec.get("original"):
+        from tools.original import load_original
+        net = load_original(spec["original"], seed=0, **original_kwargs(name, kwargs, batch, size)).to(device)
+        original = _trainer(net.step, net, x, y)  # memory carried from call to call, as its train.py
 
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    model.train()
-    train_s, train_warmup, train_iters = _timed(train_step, device, warmup, iters)
-
-    def eval_step():
-        with torch.no_grad():
-            model(x)
-
-    model.eval()
-    eval_s, eval_warmup, eval_iters = _timed(eval_step, device, warmup, iters)
+    row = {"model": name, "kwargs": kwargs, "device": device.type, "batch_size": batch, "size": size,
+           "threads": torch.get_num_threads(), "parameters": params, "compile": bool(spec.get("compile"))}
+    for i, mode in enumerate(("train", "eval")):
+        steps = [ours[i]] + ([original[i]] if original else [])
+        medians, first, used_warmup, used_iters = _timed(steps, device, warmup, iters)
+        row.update({f"{mode}_samples_per_s": batch / medians[0], f"{mode}_s_per_iter": medians[0],
+                    f"{mode}_first_call_s": first[0], f"{mode}_warmup": used_warmup, f"{mode}_iters": used_iters})
+        if original:
+            row.update({f"original_{mode}_samples_per_s": batch / medians[1],
+                        f"{mode}_ratio": medians[1] / medians[0]})
 
     if device.type == "cuda":
         peak_mib = (torch.cuda.max_memory_allocated(device) - cuda_before) / 2**20
     else:
         peak_mib = (_peak_rss_kib() - rss_before) / 1024
-    return {
-        "model": name, "kwargs": kwargs, "device": device.type, "batch_size": batch, "size": size,
-        "threads": torch.get_num_threads(), "parameters": params,
-        "train_samples_per_s": batch / train_s, "eval_samples_per_s": batch / eval_s,
-        "train_s_per_iter": train_s, "eval_s_per_iter": eval_s,
-        "train_warmup": train_warmup, "train_iters": train_iters,
-        "eval_warmup": eval_warmup, "eval_iters": eval_iters,
+    row.update({
         "peak_memory_mib": peak_mib,
         "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss_increase",
         "gflop_forward_per_sample": fwd_flops / 1e9, "gflop_train_per_sample": train_flops / 1e9,
-    }
+    })
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +308,7 @@ def device_header(device: str, threads: int, args) -> list[str]:
                      + (" (the CPU is busy with other work: throughputs are low and noisy)" if busy else ""))
     return lines + [
         f"- batch size {args.batch_size}, input {IN_CHANNELS}×{args.size}³, {NUM_CLASSES} classes, Adam, "
-        f"cross-entropy; timed iterations after warm-up (counts in the table)"]
+        f"cross-entropy; medians of the timed iterations after warm-up (counts in the table)"]
 
 
 def run_subprocess(spec: dict) -> dict:
@@ -291,11 +331,13 @@ def fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
 
 
-def table(rows: list[dict], device: str, show_original: bool) -> list[str]:
+def table(rows: list[dict], device: str, show_original: bool, show_compile: bool = False) -> list[str]:
     memory = "peak CUDA alloc (MiB)" if device == "cuda" else "peak RSS (MiB)"
     cols = ["model", "settings", "params", "train samples/s", "eval samples/s"]
     if show_original:
-        cols.append("original (2-core CPU) train / eval")
+        cols += ["original train / eval", "ratio train / eval"]
+    if show_compile:
+        cols.append("first call s train / eval")
     cols += [memory, "GFLOP/sample fwd", "GFLOP/sample train", "iters train; eval"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 2 else "--:" for i in range(len(cols))) + "|"]
     for r in rows:
@@ -305,8 +347,14 @@ def table(rows: list[dict], device: str, show_original: bool) -> list[str]:
         else:
             cells += [fmt_params(r["parameters"]), fmt_rate(r["train_samples_per_s"]), fmt_rate(r["eval_samples_per_s"])]
             if show_original:
-                ref = r.get("original_cpu_samples_per_s")
-                cells.append(f"{fmt_rate(ref[0])} / {fmt_rate(ref[1])}" if ref else "")
+                if "train_ratio" in r:
+                    cells += [f"{fmt_rate(r['original_train_samples_per_s'])} / "
+                              f"{fmt_rate(r['original_eval_samples_per_s'])}",
+                              f"{r['train_ratio']:.2f}× / {r['eval_ratio']:.2f}×"]
+                else:
+                    cells += ["", ""]
+            if show_compile:
+                cells.append(f"{r['train_first_call_s']:.1f} / {r['eval_first_call_s']:.1f}")
             cells += [f"{r['peak_memory_mib']:.0f}", f"{r['gflop_forward_per_sample']:.3g}",
                       f"{r['gflop_train_per_sample']:.3g}",
                       f"{r['train_warmup']}+{r['train_iters']}; {r['eval_warmup']}+{r['eval_iters']}"]
@@ -339,6 +387,12 @@ def main(argv=None) -> int:
                         help="warm-up iterations (default: automatic, 2, or 1 for slow cases)")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed iterations (default: automatic, 5, or fewer for slow cases: as many as fit in ~10 s)")
+    parser.add_argument("--original", metavar="PATH",
+                        help="a checkout of github.com/hongkai-wei/LMTTM-VMI: time the original LMTTM/TTM side by side "
+                             "on the CPU (same process, batch, size and threads; repetitions interleaved) and "
+                             "print the ratio")
+    parser.add_argument("--compile", action="store_true",
+                        help="wrap our model in torch.compile (default mode); the first call's time is shown")
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     args = parser.parse_args(argv)
@@ -357,6 +411,16 @@ def main(argv=None) -> int:
             cases += [parse_case(f"{name}:width={args.baseline_width}") for name in BASELINES]
     except (KeyError, ValueError) as exc:
         parser.error(str(exc.args[0] if isinstance(exc, KeyError) else exc))
+    original = None
+    if args.original:
+        from tools.original import OriginalError, find_checkout
+        try:
+            original = str(find_checkout(args.original))
+            for name, kwargs in cases:
+                if name in ORIGINAL_MODELS:
+                    original_kwargs(name, kwargs, args.batch_size, args.size)
+        except (OriginalError, ValueError) as exc:
+            parser.error(str(exc))
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
@@ -377,17 +441,19 @@ def main(argv=None) -> int:
         rows = []
         for name, kwargs in cases:
             spec = {"name": name, "kwargs": kwargs, "device": device, "batch_size": args.batch_size,
-                    "size": args.size, "threads": args.threads, "warmup": args.warmup, "iters": args.iters}
+                    "size": args.size, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
+                    "compile": args.compile, "original": original if name in ORIGINAL_MODELS and device == "cpu" else None}
             print(f"  running {name} ({case_label(name, kwargs)}) ...", file=sys.stderr, flush=True)
             row = run_subprocess(spec)
             failed |= "error" in row
-            if device == "cpu" and "error" not in row:
-                row["original_cpu_samples_per_s"] = original_reference(name, kwargs, args.batch_size, args.size)
             rows.append(row)
-        print("\n".join(table(rows, device, show_original=device == "cpu")) + "\n", flush=True)
+        print("\n".join(table(rows, device, show_original=bool(original), show_compile=args.compile)) + "\n",
+              flush=True)
         report["devices"][device] = {"header": header, "rows": rows}
-    if "cpu" in devices:
-        print("original (2-core CPU): samples/s of github.com/hongkai-wei/LMTTM-VMI on a 2-core CPU (batch 32, 28³).")
+    if original:
+        print(f"original: github.com/hongkai-wei/LMTTM-VMI from {original}, run in the same process (memory carried "
+              "from batch to batch as its train.py); samples/s are medians of interleaved repetitions; ratio = "
+              "ours / original.")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if failed else 0
