@@ -48,6 +48,9 @@ from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.protocols import original_mean, original_protocol_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
+from model.classical import is_classical
+
+ESTIMATOR_NAME = "model.joblib"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
 
 
 def parse_args(argv=None):
@@ -133,6 +136,8 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args, cfg, split_name, device, info) -> int:
+    if _is_classical_run(args, cfg):  # a scikit-learn baseline (engine/classical.py): no torch checkpoint
+        return _evaluate_classical(args, cfg, split_name, info)
     checkpoints, protocol = checkpoints_to_score(args, cfg)
     first = load_checkpoint(checkpoints[0][0])  # fail on a wrong checkpoint before loading any data
     check_same_task(cfg, info, first, checkpoints[0][0])
@@ -177,6 +182,12 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     if args.protocol == "original":
         return _write_original_protocol(out_dir.with_name(f"{out_dir.name}-original-protocol"), results, info,
                                         split_name, len(labels), args.protocol_seed)
+    return write_results(out_dir, cfg, info, split_name, labels, results, protocol)
+
+
+def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray, results: list, protocol: str) -> int:
+    """The results of `results` = [(path, epoch, auc, acc, scores)] in `out_dir`: the official evaluator's CSV
+    (MedMNIST files), predictions.npz (of the last entry) and metrics.json (AUC/ACC: mean over the entries)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -203,6 +214,42 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}")
     print(f"wrote {out_dir}")
     return 0
+
+
+def _is_classical_run(args, cfg) -> bool:
+    """A scikit-learn run: the config names one, or the file to score (default: the run's) is an estimator."""
+    if is_classical(cfg.model):
+        return True
+    if args.checkpoint is not None:
+        return Path(args.checkpoint).suffix == ".joblib"
+    return not (cfg.run_dir / "best.pt").exists() and (cfg.run_dir / ESTIMATOR_NAME).is_file()
+
+
+def _evaluate_classical(args, cfg, split_name: str, info) -> int:
+    """Score the run's fitted scikit-learn estimator (its SHA-256 checked before unpickling) like a best.pt."""
+    from engine import classical
+
+    if args.last_k is not None or cfg.eval.last_k > 0:
+        raise ConfigError("a scikit-learn run has no epoch checkpoints: leave out --last-k and eval.last_k")
+    if args.protocol != "medmnist":
+        raise ConfigError("--protocol original applies to the token Turing machines only, not to a scikit-learn run")
+    own = cfg.run_dir / ESTIMATOR_NAME
+    path = own if args.checkpoint is None else Path(args.checkpoint)
+    payload = classical.load_estimator(path)
+    check_same_task(cfg, info, payload, path)
+    _, splits = load_data(cfg, torch.device("cpu"), splits=(split_name,))
+    split = splits[split_name]
+    check_split(info, split_name, split, need_all_classes=True)
+    labels = split.labels.cpu().numpy()
+    scores = classical.predict_proba(payload, split)
+    auc, acc = official_metrics(labels, scores, info.task)
+    print(f"{path}: {payload['model']}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
+    if path.expanduser().resolve() == own.expanduser().resolve():
+        out_dir = cfg.run_dir / "eval" / split_name
+    else:
+        out_dir = eval_folder(args, cfg, split_name, 1)
+    protocol = f"{payload['model']} estimator fitted by train.py (hyper-parameters chosen on the validation split)"
+    return write_results(out_dir, cfg, info, split_name, labels, [(path, 1, auc, acc, scores)], protocol)
 
 
 def _write_original_protocol(out_dir: Path, results: list, info, split_name: str, n_split: int, seed: int) -> int:

@@ -52,6 +52,7 @@ from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic
 from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
                           restore_rng_state, rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
+from model.classical import is_classical
 
 METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
 # keys that may differ between a run and its resumption (everything else must match the checkpoint)
@@ -260,6 +261,10 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             lock.release()  # the lock file moved with the old run
             lock = None
             print(f"--restart: moved the previous run to {aside}")
+    if is_classical(cfg.model):  # a scikit-learn baseline: fitted by engine/classical.py (same run rules)
+        from engine import classical
+
+        return classical.train(cfg, run_dir, lock, stack)
     resume = read_resume(cfg, run_dir) if lock is not None else None
     if resume is not None and resume["epoch"] >= cfg.train.epochs:
         return _already_finished(cfg, run_dir, resume)
