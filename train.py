@@ -15,18 +15,9 @@ output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last f
 from __future__ import annotations
 
 if __name__ == "__main__":  # an interrupt while the imports below run: one line, nothing written (run_cli takes over)
-    import os as _os
-    import signal as _signal
-    import sys as _sys
+    import engine.early_interrupts
 
-    def _interrupted_in_imports(signum, frame):
-        what = "terminated (SIGTERM)" if signum == _signal.SIGTERM else "interrupted (Ctrl-C)"
-        _sys.stderr.write(f"\n{what} before any result was written\n")
-        _os._exit(143 if signum == _signal.SIGTERM else 130)  # a library's bare `except:` cannot swallow this
-
-    _signal.signal(_signal.SIGTERM, _interrupted_in_imports)
-    if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:
-        _signal.signal(_signal.SIGINT, _interrupted_in_imports)
+    engine.early_interrupts.install()
 
 import argparse
 import contextlib
