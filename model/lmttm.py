@@ -132,6 +132,9 @@ class LMTTM(TokenTuringMachine):
         in_rl, in_rf = self.reader.token_terms(tokens if pr is None else tokens + pr[:, m:])  # (B,T,n,r|D)
         in_wl, in_wf = self.writer.token_terms(
             tokens if pw is None else tokens + pw[:, 3 * m: 3 * m + n])  # (B,T,n,m|D)
+        # per-step views by unbind (one gradient stack in backward; slicing [:, t] would allocate and zero a
+        # full-size gradient per step)
+        in_rl, in_rf, in_wl, in_wf = (u.unbind(1) for u in (in_rl, in_rf, in_wl, in_wf))
         out_pos = None if pw is None else pw[:, 3 * m + n:]  # (1, 3r, D)
         slot_pos = None if pw is None else pw[0, : 3 * m].view(3, m, dim)  # write slots cur, past, future
 
@@ -140,24 +143,28 @@ class LMTTM(TokenTuringMachine):
             read = self.reader.token_terms(block if pr is None else block + pr[:, :m])
             if not write:
                 return read, None
-            return read, self.writer.token_terms(block if slot_pos is None else block.unsqueeze(-3) + slot_pos)
+            if slot_pos is None:
+                return read, self.writer.token_terms(block)
+            logits, features = self.writer.token_terms(block.unsqueeze(-3) + slot_pos)
+            return read, (logits.unbind(-3), features.unbind(-3))  # per slot
 
         # initial memory: zeros (the same terms for every block and sample) unless carried
         if carry:
-            (rl, rf), written = block_terms(memory.view(batch, k, m, dim), last_write >= 0)
-            read_terms = [(rl[:, b], rf[:, b]) for b in range(k)]
-            write_terms = [None if written is None else (written[0][:, b], written[1][:, b]) for b in range(k)]
+            terms = [block_terms(block, last_write >= 0) for block in memory.chunk(k, dim=1)]
+            read_terms, write_terms = [u[0] for u in terms], [u[1] for u in terms]
         else:
             zero = memory.new_zeros(1, m, dim)
             (rl, rf), written = block_terms(zero, last_write >= 0)
             expand = lambda t: t.expand(batch, *t.shape[1:])  # noqa: E731
             read_terms = [(expand(rl), expand(rf))] * k
-            write_terms = [None if written is None else (expand(written[0]), expand(written[1]))] * k
+            if written is not None:
+                written = tuple(expand(u) if slot_pos is None else tuple(map(expand, u)) for u in written)
+            write_terms = [written] * k
         blocks = list(memory.chunk(k, dim=1)) if carry else None
 
         def slot(b: int, s: int, which: int) -> torch.Tensor:
             terms = write_terms[b][which]
-            return terms if slot_pos is None else terms[:, s]
+            return terms if slot_pos is None else terms[s]
 
         start = self._pointer if cfg.compat_global_pointer else 0
         outputs = []
@@ -166,19 +173,19 @@ class LMTTM(TokenTuringMachine):
             # read: softmax over [block ‖ inputs] of each of the 3 reads; the inputs' part in one product
             # (logits transposed, (B, 3, r, m + n): the softmax over the last axis is the fast one on CPU)
             logits = torch.cat([torch.stack([read_terms[b][0] for b in linked], dim=1).transpose(-1, -2),
-                                in_rl[:, t, None].transpose(-1, -2).expand(-1, 3, -1, -1)], dim=-1)
+                                in_rl[t].unsqueeze(1).transpose(-1, -2).expand(-1, 3, -1, -1)], dim=-1)
             weights = logits.softmax(dim=-1)  # (B, 3, r, m + n)
             pooled = weights[..., :m] @ torch.stack([read_terms[b][1] for b in linked], dim=1)  # (B, 3, r, D)
             pooled = torch.baddbmm(pooled.view(batch, 3 * r, dim),
-                                   weights[..., m:].reshape(batch, 3 * r, n), in_rf[:, t])  # (B, 3r, D)
+                                   weights[..., m:].reshape(batch, 3 * r, n), in_rf[t])  # (B, 3r, D)
             out = self.processor(self.reader.dropout(pooled))  # (B, 3r, D)
             outputs.append(out)
             if t > last_write:
                 break
             out_l, out_f = self.writer.token_terms(out if out_pos is None else out + out_pos)
             new = self.writer.pool_pieces(
-                [slot(current, 0, 0), slot(past, 1, 0), slot(future, 2, 0), in_wl[:, t], out_l],
-                [slot(current, 0, 1), slot(past, 1, 1), slot(future, 2, 1), in_wf[:, t], out_f])
+                [slot(current, 0, 0), slot(past, 1, 0), slot(future, 2, 0), in_wl[t], out_l],
+                [slot(current, 0, 1), slot(past, 1, 1), slot(future, 2, 1), in_wf[t], out_f])
             new = self.noise_after_write(new)  # (B, m, D)
             if carry:
                 blocks[future] = new
@@ -189,6 +196,7 @@ class LMTTM(TokenTuringMachine):
         if carry:
             self.finish_memory(torch.cat(blocks, dim=1))
         return self.classify(outputs)
+
 
 @register_model("lmttm", LMTTMConfig, help="Linked Memory Token Turing Machine (the paper's model)")
 def build_lmttm(cfg: LMTTMConfig, *, in_channels: int, num_classes: int, input_size: int) -> LMTTM:

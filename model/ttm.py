@@ -73,20 +73,21 @@ class TTM(TokenTuringMachine):
         carry = self.cfg.compat_carry_memory
         in_rl, in_rf = self.reader.token_terms(tokens if pr is None else tokens + pr[:, M:])  # (B,T,n,r|D)
         in_wl, in_wf = self.writer.token_terms(tokens if pw is None else tokens + pw[:, M: M + n])  # (B,T,n,M|D)
+        in_rl, in_rf, in_wl, in_wf = (u.unbind(1) for u in (in_rl, in_rf, in_wl, in_wf))  # per-step views
         if not carry:  # the zero memory's terms are the same for every sample
             memory = memory[:1]
         outputs = []
         for t in range(steps):
             expand = (lambda u: u.expand(batch, *u.shape[1:])) if memory.size(0) != batch else (lambda u: u)
             ml, mf = self.reader.token_terms(memory if pr is None else memory + pr[:, :M])  # (B, M, r|D)
-            out = self.processor(self.reader.pool_pieces([expand(ml), in_rl[:, t]], [expand(mf), in_rf[:, t]]))
+            out = self.processor(self.reader.pool_pieces([expand(ml), in_rl[t]], [expand(mf), in_rf[t]]))
             outputs.append(out)  # (B, r, D)
             if t == steps - 1 and not carry:
                 break
             ml, mf = self.writer.token_terms(memory if pw is None else memory + pw[:, :M])  # (B, M, M|D)
             ol, of = self.writer.token_terms(out if pw is None else out + pw[:, M + n:])  # (B, r, M|D)
-            memory = self.noise_after_write(self.writer.pool_pieces([expand(ml), in_wl[:, t], ol],
-                                                                    [expand(mf), in_wf[:, t], of]))  # (B, M, D)
+            memory = self.noise_after_write(self.writer.pool_pieces([expand(ml), in_wl[t], ol],
+                                                                    [expand(mf), in_wf[t], of]))  # (B, M, D)
         if carry:
             self.finish_memory(memory)
         return self.classify(outputs)
