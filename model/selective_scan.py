@@ -21,9 +21,11 @@ A 3-D call (u of shape (batch, d, L), B/C (batch, N, L), A (d, N), D (d,)) is th
 (batch, d, L).
 
 Forms (all give the same numbers, fp32 or fp64, values and gradients):
-- "sequential": the recurrence as one loop over the time slices, unbound once, written into preallocated
-  storage, inside a custom autograd Function whose backward is the reverse recurrence run the same way.
-  The fastest form on a CPU (spec §5).
+- "sequential": one loop over the time slices (unbound once), fused: each step computes exp(Δ_t A), the state
+  and y_t on (batch, K, d, N) tensors that stay in cache, writing into preallocated storage; a custom autograd
+  Function whose backward is the reverse recurrence run the same way (recomputing exp(Δ_t A)), so autograd
+  records one node, not L of them, and no (L, batch, K, d, N) intermediate but the states is ever built.
+  The fastest form on a CPU (spec §5); see tools/bench_scan.py.
 - "chunked": the same Function with the two recurrences solved by a chunked parallel scan (a Hillis-Steele
   scan inside chunks of `chunk` steps, all chunks at once; the chunk ends are chained by the same scan,
   recursively). Only products of the decays exp(ΔA) ≤ 1 appear, never their inverses, so it is as safe
@@ -149,6 +151,76 @@ class _Recurrence(torch.autograd.Function):
         return grad_a, g, None
 
 
+class _FusedScan(torch.autograd.Function):
+    """The CPU form: y_t = <C_t, h_t>, h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t, one pass over time with every
+    per-step tensor (batch, K, d, N) small enough to stay in cache; only the states h_t are stored (written
+    once, read once by the backward). The backward runs the reverse recurrence
+    g_t = dL/dh_t = C_t dy_t + exp(Δ_{t+1} A) g_{t+1} in one reverse pass, recomputing exp(Δ_t A), and collects
+    every input's gradient on the way. Inputs u, delta (batch, K, d, L), A (K, d, N), B, C (batch, K, N, L)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        nb, K, d, L = u.shape
+        N = A.shape[-1]
+        dt = delta.permute(3, 0, 1, 2).contiguous()  # (L, b, K, d)
+        ut = u.permute(3, 0, 1, 2).contiguous()
+        du = (dt * ut).unsqueeze(-1)  # (L, b, K, d, 1)
+        Bt = B.permute(3, 0, 1, 2).unsqueeze(3).contiguous()  # (L, b, K, 1, N)
+        Ct = C.permute(3, 0, 1, 2).unsqueeze(-1).contiguous()  # (L, b, K, N, 1)
+        H = u.new_empty(L, nb, K, d, N)
+        Y = u.new_empty(L, nb, K, d, 1)
+        dA = u.new_empty(nb, K, d, N)
+        dts, dus, Bs, Cs, Hs, Ys = dt.unsqueeze(-1).unbind(0), du.unbind(0), Bt.unbind(0), Ct.unbind(0), H.unbind(0), Y.unbind(0)
+        torch.mul(dus[0], Bs[0], out=Hs[0])
+        torch.matmul(Hs[0], Cs[0], out=Ys[0])
+        for t in range(1, L):
+            torch.mul(dts[t], A, out=dA).exp_()
+            h = Hs[t]
+            torch.mul(dA, Hs[t - 1], out=h)
+            h.addcmul_(dus[t], Bs[t])
+            torch.matmul(h, Cs[t], out=Ys[t])
+        ctx.save_for_backward(dt, ut, A, Bt, Ct, H)
+        return Y.squeeze(-1).permute(1, 2, 3, 0), H[-1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh_last):
+        dt, ut, A, Bt, Ct, H = ctx.saved_tensors
+        L, nb, K, d, N = H.shape
+        gy = gy.permute(3, 0, 1, 2).unsqueeze(-2).contiguous()  # (L, b, K, 1, d)
+        du = (dt * ut).unsqueeze(-2)  # (L, b, K, 1, d)
+        g_du = H.new_empty(L, nb, K, d, 1)
+        g_dtA = H.new_zeros(L, nb, K, d)
+        g_B = H.new_empty(L, nb, K, 1, N)
+        g_C = H.new_empty(L, nb, K, 1, N)
+        acc_A = H.new_zeros(nb, K, d, N)
+        g = H.new_empty(nb, K, d, N)
+        carry = gh_last.contiguous() if gh_last is not None else H.new_zeros(nb, K, d, N)
+        dA = H.new_empty(nb, K, d, N)
+        q = H.new_empty(nb, K, d, N)
+        dts = dt.unsqueeze(-1).unbind(0)
+        Crow = Ct.transpose(-1, -2)  # (L, b, K, 1, N) views
+        Bcol = Bt.transpose(-1, -2)  # (L, b, K, N, 1)
+        gys, dus, Hs = gy.unbind(0), du.unbind(0), H.unbind(0)
+        for t in range(L - 1, -1, -1):
+            torch.addcmul(carry, gys[t].transpose(-1, -2), Crow[t], out=g)  # g_t
+            torch.matmul(gys[t], Hs[t], out=g_C[t])  # dL/dC_t = sum_d dy_t h_t
+            torch.matmul(dus[t], g, out=g_B[t])  # dL/dB_t = sum_d Δ_t u_t g_t
+            torch.matmul(g, Bcol[t], out=g_du[t])  # dL/d(Δ_t u_t) = <g_t, B_t>
+            if t == 0:
+                break
+            torch.mul(dts[t], A, out=dA).exp_()
+            torch.mul(g, dA, out=carry)  # dL/dh_{t-1} through the decay
+            torch.mul(carry, Hs[t - 1], out=q)  # dL/d(Δ_t A) elementwise
+            acc_A.addcmul_(q, dts[t])
+            q.mul_(A)
+            torch.sum(q, -1, out=g_dtA[t])
+        g_du = g_du.squeeze(-1)
+        g_delta = (g_dtA + g_du * ut).permute(1, 2, 3, 0)
+        g_u = (g_du * dt).permute(1, 2, 3, 0)
+        return g_u, g_delta, acc_A.sum(0), g_B.squeeze(3).permute(1, 2, 3, 0), g_C.squeeze(3).permute(1, 2, 3, 0)
+
+
 def _pure_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk):
     """The pure-PyTorch forms, shapes as in the module docstring (K axis present)."""
     dtype = u.dtype
@@ -159,6 +231,9 @@ def _pure_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_
         delta = delta + delta_bias.to(ct)[None, :, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
+    if chunk == 0:
+        y, h_last = _FusedScan.apply(u, delta, A, B, C)
+        return _finish(y, u, D, z, ct, dtype, h_last if return_last_state else None)
     # Time-major layout (L, batch, K, d, N): every time slice is one contiguous block.
     dt = delta.permute(3, 0, 1, 2).unsqueeze(-1)  # (L, b, K, d, 1)
     a = torch.exp(dt * A)  # (L, b, K, d, N)
@@ -167,13 +242,18 @@ def _pure_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_
     h = _Recurrence.apply(a.contiguous(), b.contiguous(), chunk)  # (L, b, K, d, N)
     Ct = C.permute(3, 0, 1, 2)  # (L, b, K, N)
     y = torch.einsum("lbkdn,lbkn->bkdl", h, Ct)
+    return _finish(y, u, D, z, ct, dtype, h[-1] if return_last_state else None)
+
+
+def _finish(y, u, D, z, ct, dtype, h_last):
+    """The skip term D ⊙ u and the gate SiLU(z), under autograd."""
     if D is not None:
         y = y + u * D.to(ct)[None, :, :, None]
     if z is not None:
         y = y * F.silu(z.to(ct))
     y = y.to(dtype)
-    if return_last_state:
-        return y, h[-1]
+    if h_last is not None:
+        return y, h_last
     return y
 
 

@@ -293,3 +293,24 @@ def test_cross_merge_rejects_wrong_shapes():
         cross_merge_3d(torch.zeros(1, 4, 2, 24), 2, 3, 4)
     with pytest.raises(ValueError, match="spatial"):
         cross_scan_3d(torch.zeros(1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("method,chunk", FORMS[:2])
+def test_gradient_through_the_last_state(method, chunk):
+    """A loss on both outputs (y and the returned last state) back-propagates like the reference's."""
+    inputs = make_inputs(K=2, L=7, seed=17)
+    g = torch.Generator().manual_seed(2)
+    wy = torch.randn(2, 2, 4, 7, generator=g, dtype=torch.float64)
+    wh = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64)
+
+    def loss_grads(fn):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        y, h = fn(leaves)
+        ((y * wy).sum() + (h * wh).sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    ref = loss_grads(lambda kw: reference_scan(**kw, delta_softplus=True))
+    got = loss_grads(lambda kw: selective_scan(**kw, delta_softplus=True, return_last_state=True,
+                                               method=method, chunk=chunk))
+    for k in ref:
+        assert_close(got[k], ref[k], f"grad {k}")
