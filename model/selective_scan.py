@@ -32,7 +32,8 @@ Forms (all give the same numbers, fp32 or fp64, values and gradients):
   numerically as the loop. About 2·log2(chunk) + a few kernel launches per level instead of L: the GPU form.
 - "mamba_ssm": the CUDA kernel of the `mamba_ssm` package, used only when it is importable and the tensors
   are on CUDA; never required.
-- "auto" (default): "mamba_ssm" if usable, else "chunked" on CUDA, else "sequential".
+- "auto" (default): on CUDA "mamba_ssm" if importable (and the tensors are not fp64), else "chunked";
+  on CPU "sequential".
 """
 
 from __future__ import annotations
@@ -329,7 +330,8 @@ def selective_scan(
     _check(u, delta, A, B, C, D, z, delta_bias)
     if method == "auto":
         if u.is_cuda:
-            method = "mamba_ssm" if mamba_ssm_available() else "chunked"
+            usable = u.dtype != torch.float64 and mamba_ssm_available()  # the kernel has no fp64
+            method = "mamba_ssm" if usable else "chunked"
         else:
             method = "sequential"
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -314,3 +314,13 @@ def test_gradient_through_the_last_state(method, chunk):
                                                method=method, chunk=chunk))
     for k in ref:
         assert_close(got[k], ref[k], f"grad {k}")
+
+
+def test_auto_picks_the_sequential_form_on_cpu():
+    inputs = {k: v.float() for k, v in make_inputs(L=40, seed=19).items()}
+    auto = selective_scan(**inputs, delta_softplus=True)
+    seq = selective_scan(**inputs, delta_softplus=True, method="sequential")
+    chunked = selective_scan(**inputs, delta_softplus=True, method="chunked", chunk=4)
+    assert torch.equal(auto, seq)
+    assert not torch.equal(auto, chunked)  # a different summation order: the forms are distinguishable
+    assert_close(chunked.double(), seq.double())
