@@ -145,7 +145,7 @@ class LMTTM(TokenTuringMachine):
                 return read, None
             if slot_pos is None:
                 return read, self.writer.token_terms(block)
-            logits, features = self.writer.token_terms(block.unsqueeze(-3) + slot_pos)
+            logits, features = self.writer.slot_terms(block, slot_pos)  # = token_terms(block + slot_pos[s])
             return read, (logits.unbind(-3), features.unbind(-3))  # per slot
 
         # initial memory: zeros (the same terms for every block and sample) unless carried

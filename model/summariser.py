@@ -37,6 +37,28 @@ class TokenSummariser(nn.Module):
         features = F.gelu(self.to_features(x))
         return logits, features
 
+    def slot_terms(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`token_terms(x.unsqueeze(-3) + slots)`: the terms of x (..., N, D) at each of S positional slots
+        (S, N, D) -> (..., S, N, R), (..., S, N, D), with the D × D products of x taken once, not S times.
+
+        LayerNorm is affine in the centred token: with xc = x - mean(x), pc = p - mean(p) and
+        rstd = 1 / sqrt(mean((xc + pc)²) + eps),
+            W1 · LayerNorm(x + p) = rstd · (xc·G1ᵀ + pc·G1ᵀ) + W1·b,   G1 = W1 · diag(gamma)
+            Wf · (x + p)          = x·Wfᵀ + p·Wfᵀ
+        so only xc·G1ᵀ and x·Wfᵀ act on x; the slot parts are per-slot constants. Same values to float
+        rounding (no cancellation: the centring is done before the product).
+        """
+        norm, w1, wf = self.norm, self.hidden.weight, self.to_features.weight
+        g1 = w1 * norm.weight  # (D, D): W1 diag(gamma)
+        pc = slots - slots.mean(dim=-1, keepdim=True)
+        xc = x - x.mean(dim=-1, keepdim=True)
+        yc = xc.unsqueeze(-3) + pc  # (..., S, N, D): the centred x + p
+        rstd = torch.rsqrt(yc.square().mean(dim=-1, keepdim=True) + norm.eps)
+        hidden = torch.addcmul(F.linear(norm.bias, w1), (xc @ g1.t()).unsqueeze(-3) + pc @ g1.t(), rstd)
+        logits = self.to_logits(F.gelu(hidden))
+        features = F.gelu((x @ wf.t()).unsqueeze(-3) + slots @ wf.t())
+        return logits, features
+
     def pool(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Softmax over the token axis (-2) of logits (..., N, R), weighted sum of features -> (..., R, D)."""
         weights = logits.softmax(dim=-2)

@@ -18,7 +18,7 @@ from model.summariser import TokenSummariser
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _build(name, *, seed=0, input_size=28, **kw):
+def _build(name, *, seed=0, input_size=16, **kw):
     torch.manual_seed(seed)
     kw = {"dim": 16, "memory_tokens": 16, "read_tokens": 4, "heads": 2, "dropout": 0.0, "noise": "none", **kw}
     model = build_model(name, in_channels=1, num_classes=3, input_size=input_size, **kw)
@@ -29,7 +29,7 @@ def _build(name, *, seed=0, input_size=28, **kw):
     return model
 
 
-def _volume(batch=2, size=28, seed=1):
+def _volume(batch=2, size=16, seed=1):  # 16³: 5 steps of 25 tokens
     return torch.rand(batch, 1, size, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -48,13 +48,23 @@ def _run(model, x, fast: bool, *, seed=5, state=None):
 
 
 def _assert_same(model, x, **kw):
+    """float32: same logits to 1e-5. float64: same logits and gradients to 1e-9 (relative to the largest
+    gradient entry of each parameter), so a subtle maths difference cannot hide behind float32 rounding
+    (the gradients of these tiny random models are ill-conditioned in float32: ~1e-3 relative noise)."""
     fast = _run(model, x, True, **kw)
     plain = _run(model, x, False, **kw)
     torch.testing.assert_close(fast[0], plain[0], **TOL)
-    assert fast[1].keys() == plain[1].keys() and len(plain[1]) == len(list(model.parameters()))
-    for key, g in plain[1].items():
-        scale = g.abs().max().item() + 1e-12
-        torch.testing.assert_close(fast[1][key], g, atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    state = kw.pop("state", None)
+    model.double()
+    double = lambda st: None if st is None else {**st, "carried_memory": st["carried_memory"].double()}  # noqa: E731
+    fast64 = _run(model, x.double(), True, state=double(state), **kw)
+    plain64 = _run(model, x.double(), False, state=double(state), **kw)
+    model.float()
+    torch.testing.assert_close(fast64[0], plain64[0], atol=1e-10, rtol=1e-10)
+    assert fast64[1].keys() == plain64[1].keys() and len(plain64[1]) == len(list(model.parameters()))
+    for key, g in plain64[1].items():
+        scale = g.abs().max().item() + 1e-30
+        torch.testing.assert_close(fast64[1][key], g, atol=1e-9 * scale, rtol=1e-9, msg=lambda m: f"{key}: {m}")
     return fast, plain
 
 
@@ -71,7 +81,7 @@ LMTTM_VARIANTS = [
     {"blocks": 2},
     {"blocks": 1},
     {"blocks": 8, "memory_tokens": 32},  # more blocks than steps between two writes of a block
-    {"depth_patch_size": 1, "blocks": 4},  # 28 steps
+    {"depth_patch_size": 1, "blocks": 4},  # 16 steps
     {"compat_global_pointer": True},
 ]
 
@@ -93,10 +103,10 @@ def test_fast_equals_plain_with_carried_memory(name, mode):
     model = getattr(_build(name, **kw), mode)()
     x = _volume()
     state = {"carried_memory": torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3)),
-             "pointer": 3 if name == "lmttm" else 0}
+             "pointer": 2 if name == "lmttm" else 0}
     fast, plain = _assert_same(model, x, state=state)
     torch.testing.assert_close(fast[2]["carried_memory"], plain[2]["carried_memory"], **TOL)
-    assert fast[2]["pointer"] == plain[2]["pointer"] == ((3 + 9) % 4 if name == "lmttm" else 0)
+    assert fast[2]["pointer"] == plain[2]["pointer"] == ((2 + 5) % 4 if name == "lmttm" else 0)
     # the carried memory is used: starting from zeros gives other logits
     assert not torch.allclose(_run(model, x, True)[0], fast[0], atol=1e-4)
 
@@ -113,9 +123,9 @@ def test_same_random_draws_as_plain_in_training(name):
     assert not torch.allclose(fast[0], other, atol=1e-4)  # the draws matter
 
 
-@pytest.mark.parametrize("name,writes", [("lmttm", 8), ("ttm", 8)])
+@pytest.mark.parametrize("name,writes", [("lmttm", 4), ("ttm", 4)])
 def test_last_write_skipped_unless_memory_is_carried(name, writes):
-    """9 steps at 28³: 8 writes are read later; the 9th only with a carried memory."""
+    """5 steps at 16³: 4 writes are read later; the 5th only with a carried memory."""
     for carry, expected in ((False, writes), (True, writes + 1)):
         model = _build(name, compat_carry_memory=carry).eval()
         calls = []
