@@ -112,7 +112,10 @@ class LMTTM(TokenTuringMachine):
           [:m] and at write positions [s·m, (s+1)·m) in slot s (current, past, future). So the inputs' read and
           write terms of all T steps are computed in one batch, and a block's read terms and its write terms
           for the three slots are computed once when the block is written (and for the initial memory) and
-          reused until it is written again, instead of at every step.
+          reused until it is written again, instead of at every step. The three slots' write terms share
+          their D × D products (`TokenSummariser.slot_terms`); the zero initial memory's terms are computed
+          once for all blocks and samples.
+        * The softmax of the reads and the write runs over the last (contiguous) axis.
         * The last step's write is skipped (nothing reads it) unless the memory is carried
           (`compat_carry_memory`). The logits are unchanged; in training, the skipped write's dropout and
           noise draws are not taken, so later draws of torch's RNG differ from `forward_plain`'s.
