@@ -171,7 +171,8 @@ class _FusedScan(torch.autograd.Function):
         H = u.new_empty(L, nb, K, d, N)
         Y = u.new_empty(L, nb, K, d, 1)
         dA = u.new_empty(nb, K, d, N)
-        dts, dus, Bs, Cs, Hs, Ys = dt.unsqueeze(-1).unbind(0), du.unbind(0), Bt.unbind(0), Ct.unbind(0), H.unbind(0), Y.unbind(0)
+        dts, dus = dt.unsqueeze(-1).unbind(0), du.unbind(0)
+        Bs, Cs, Hs, Ys = Bt.unbind(0), Ct.unbind(0), H.unbind(0), Y.unbind(0)
         torch.mul(dus[0], Bs[0], out=Hs[0])
         torch.matmul(Hs[0], Cs[0], out=Ys[0])
         for t in range(1, L):
@@ -362,7 +363,9 @@ def cross_scan(x: torch.Tensor, orders) -> torch.Tensor:
     then the same rasters reversed (SS2D's order of directions)."""
     nb, c = x.shape[:2]
     if x.dim() - 2 != len(orders[0]):
-        raise ValueError(f"cross_scan: x has shape {tuple(x.shape)}, expected (batch, C) + {len(orders[0])} spatial axes")
+        raise ValueError(
+            f"cross_scan: x has shape {tuple(x.shape)}, expected (batch, C) + {len(orders[0])} spatial axes"
+        )
     seqs = [x.permute(0, 1, *(2 + i for i in order)).reshape(nb, c, -1) for order in orders]
     fwd = torch.stack(seqs, 1)  # (batch, K/2, C, L)
     return torch.cat([fwd, fwd.flip(-1)], 1)
@@ -374,7 +377,9 @@ def cross_merge(y: torch.Tensor, spatial, orders) -> torch.Tensor:
     nb, K, c, L = y.shape
     m = len(orders)
     if K != 2 * m or L != math.prod(spatial):
-        raise ValueError(f"cross_merge: y has shape {tuple(y.shape)}, expected (batch, {2 * m}, C, {math.prod(spatial)})")
+        raise ValueError(
+            f"cross_merge: y has shape {tuple(y.shape)}, expected (batch, {2 * m}, C, {math.prod(spatial)})"
+        )
     y = y[:, :m] + y[:, m:].flip(-1)  # undo the reversals
     out = None
     for k, order in enumerate(orders):
