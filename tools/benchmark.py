@@ -38,10 +38,15 @@ defaults. Repetitions alternate ours / original (A, B, A, B, ...) so that a busy
 the table shows medians and the ratio ours / original. `--compile` wraps our model in `torch.compile`
 (the original stays eager); the first call's time (compilation included) is shown beside the gain.
 
-Measured side by side (`python tools/benchmark.py --original /work/original --threads 1 --iters 7`, on a
-2-core CPU shared with other jobs, so the lead re-runs it on a quiet machine with `--threads 2`):
-LMTTM D = M = 64 2.0× training / 2.2× evaluation, TTM D = M = 64 1.0× / 1.0×; see README.md for the
-table and where the time goes.
+Measured side by side on a 2-core CPU shared with other jobs (1 torch thread: with 2 threads on a busy
+machine the threads spin against each other; the figures are medians of interleaved repetitions and the
+ratio matters, not the samples/s), batch 32, 28³, training / evaluation, ours ÷ original:
+LMTTM D = M = 64 1.42× / 1.80×, TTM D = M = 64 1.24× / 1.01×
+(`python tools/benchmark.py --cases lmttm:dim=64,memory_tokens=64 ttm:dim=64,memory_tokens=64
+--original /path/to/LMTTM-VMI --threads 1 --iters 7`), and LMTTM D = M = 448 1.84× / 1.90× (process CPU
+time, 3 interleaved repetitions). Re-run on a quiet machine with `--threads 2` (drop `--cases` for all four
+cases). At D = M = 64 about half of our time is the transformer processor (the same work as the
+original's) and a fifth is dropout's random draws, so the per-token savings move the total little.
 
 The output is Markdown (header lines and one table per device), ready to paste into README.md.
 """
