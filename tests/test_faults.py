@@ -215,10 +215,10 @@ def test_extending_a_finished_run_invalidates_its_summary_and_keeps_config_of_fa
     # an extension killed in its first new epoch: the summary no longer says finished
     real = train.train_one_epoch
 
-    def interrupted(model, optimizer, split, cfg, epoch, device):
+    def interrupted(model, optimizer, split, cfg, epoch, device, **kwargs):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real(model, optimizer, split, cfg, epoch, device)
+        return real(model, optimizer, split, cfg, epoch, device, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
     assert train.main(args_for(data_root, tmp_path, "run", 3)) == 130
@@ -395,10 +395,10 @@ def test_sigterm_during_an_epoch_exits_143_and_resumes(data_root, tmp_path, caps
     rundir.handle_sigterm()
     real = train.train_one_epoch
 
-    def terminated_in_second_epoch(model, optimizer, split, cfg, epoch, device):
+    def terminated_in_second_epoch(model, optimizer, split, cfg, epoch, device, **kwargs):
         if epoch == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, optimizer, split, cfg, epoch, device)
+        return real(model, optimizer, split, cfg, epoch, device, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", terminated_in_second_epoch)
     assert train.main(args_for(data_root, tmp_path, "run", 2)) == 143
