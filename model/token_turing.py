@@ -67,7 +67,9 @@ class TTMConfig:
                 raise ValueError(f"{name} must be true, false or null, got {value!r}")
             elif self.official_compat and value != preset:
                 raise ValueError(f"official_compat = true contradicts {name} = {str(value).lower()}"
-                                 + (f" (processor {self.processor!r} has no attention)" if value else "")
+                                 + ((" (the preset leaves it off with processor transformer_mam: that defect "
+                                     "belongs to the original's plain processor)" if self.processor == "transformer_mam"
+                                     else f" (processor {self.processor!r} has no attention)") if value else "")
                                  + f"; leave {name} unset (null) or set official_compat = false")
         if self.compat_batch_attention and self.processor != "transformer":
             raise ValueError(f"compat_batch_attention needs the transformer processor; processor "

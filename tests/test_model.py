@@ -138,6 +138,8 @@ def _record_schedule(model: LMTTM, x: torch.Tensor, memory: torch.Tensor):
 def test_forward_follows_block_schedule():
     # noise "none" + compat_carry_memory: the model keeps its final memory, unchanged, for the last check
     model = _build("lmttm", dim=16, memory_tokens=16, compat_carry_memory=True, noise="none").eval()
+    model.fast_path = False  # the step-by-step path whose read/write calls this test records (the fast
+                             # path's equality with it: tests/test_fast_path.py)
     torch.manual_seed(5)
     memory = torch.randn(2, 16, 16)  # four distinct blocks, so each linked block is identifiable
     steps, shadow = _record_schedule(model, _volume(batch=2), memory)
@@ -149,6 +151,8 @@ def test_forward_follows_block_schedule():
 def test_forward_block_schedule_with_global_pointer():
     """compat_global_pointer: the second call starts where the first stopped (9 mod 4 = 1)."""
     model = _build("lmttm", dim=16, memory_tokens=16, compat_global_pointer=True).eval()
+    model.fast_path = False  # the step-by-step path whose read/write calls this test records (the fast
+                             # path's equality with it: tests/test_fast_path.py)
     torch.manual_seed(5)
     memory = torch.randn(1, 16, 16)
     steps, _ = _record_schedule(model, _volume(batch=1), memory)
@@ -164,6 +168,8 @@ def test_forward_block_schedule_with_global_pointer():
 def test_lmttm_default_token_counts():
     torch.manual_seed(0)
     model = build_model("lmttm", in_channels=1, num_classes=2, input_size=28).eval()
+    model.fast_path = False  # the step-by-step path whose read/write calls this test records (the fast
+                             # path's equality with it: tests/test_fast_path.py)
     cfg = model.cfg
     assert (cfg.dim, cfg.memory_tokens, cfg.blocks, cfg.read_tokens) == (448, 448, 4, 8)
     assert model.block_tokens == 112
@@ -201,6 +207,8 @@ def test_lmttm_default_token_counts():
 def test_ttm_default_token_counts():
     torch.manual_seed(0)
     model = build_model("ttm", in_channels=1, num_classes=2, input_size=28).eval()
+    model.fast_path = False  # the step-by-step path whose read/write calls this test records (the fast
+                             # path's equality with it: tests/test_fast_path.py)
     assert model.read_length == 448 + 81 == 529
     assert model.write_length == 448 + 81 + 8 == 537
     assert model.pos_read.shape == (1, 529, 448) and model.pos_write.shape == (1, 537, 448)
