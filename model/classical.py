@@ -27,19 +27,28 @@ def _check_pool(pool: int) -> None:
 
 
 @dataclass
-class LogRegConfig:
+class PooledFeaturesConfig:
+    """What both estimators share: the features (and the marker that tells the engine it is not a torch model)."""
+
     classical: ClassVar[bool] = True
 
     pool: int = field(default=2, metadata={
         "min": 1, "max": 64, "help": "features: the volume average-pooled by this factor per axis (2: 28³ -> 14³), "
                                      "then standardised (must divide the volume side)"})
+
+    def __post_init__(self):
+        _check_pool(self.pool)
+
+
+@dataclass
+class LogRegConfig(PooledFeaturesConfig):
     c_grid: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 1.0], metadata={
         "help": "inverse L2 strengths tried; the one with the best validation AUC is kept (ties: the smallest C); "
                 "the model is fitted on the training split only"})
     max_iter: int = field(default=2000, metadata={"min": 1, "help": "lbfgs iterations per fit"})
 
     def __post_init__(self):
-        _check_pool(self.pool)
+        super().__post_init__()
         if not self.c_grid:
             raise ValueError("model.c_grid is empty; give at least one C > 0, e.g. [0.001, 0.01, 0.1]")
         bad = [c for c in self.c_grid if not c > 0]
@@ -48,12 +57,7 @@ class LogRegConfig:
 
 
 @dataclass
-class HGBConfig:
-    classical: ClassVar[bool] = True
-
-    pool: int = field(default=2, metadata={
-        "min": 1, "max": 64, "help": "features: the volume average-pooled by this factor per axis (2: 28³ -> 14³), "
-                                     "then standardised (must divide the volume side)"})
+class HGBConfig(PooledFeaturesConfig):
     learning_rate: float = field(default=0.1, metadata={"min": 1e-6, "max": 1.0, "help": "boosting shrinkage"})
     max_iter: int = field(default=500, metadata={
         "min": 1, "max": 100000, "help": "most boosting iterations (early stopping usually ends sooner)"})
@@ -63,9 +67,6 @@ class HGBConfig:
     max_leaf_nodes: int = field(default=31, metadata={"min": 2, "help": "leaves per tree"})
     min_samples_leaf: int = field(default=20, metadata={"min": 1, "help": "samples per leaf"})
     l2_regularization: float = field(default=0.0, metadata={"min": 0.0, "help": "L2 penalty on leaf values"})
-
-    def __post_init__(self):
-        _check_pool(self.pool)
 
 
 def _not_a_module(cfg, *, in_channels: int, num_classes: int, input_size: int):
