@@ -186,13 +186,8 @@ class RunLock:
                               f"not a folder") from None
         except OSError as err:
             raise _os_error(err, run_dir, "use the run directory") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunDirError(f"{run_dir} is in use by another process{holder} (a training or an evaluation); "
-                              f"wait for it to finish, or use another --output.name") from None
+        _lock_or_refuse(fd, fcntl.LOCK_EX, lambda holder: f"{run_dir} is in use by another process{holder} (a "
+                        f"training or an evaluation); wait for it to finish, or use another --output.name")
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -212,6 +207,17 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _lock_or_refuse(fd: int, mode: int, message) -> None:
+    """flock `fd` without waiting; when another process holds it, close `fd` and raise RunDirError with
+    `message(holder)` (holder: " (pid N)" read from the lock file, or "")."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise RunDirError(message(holder)) from None
 
 
 def _read_holder(fd: int) -> str:
@@ -236,13 +242,9 @@ class SharedRunLock:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             return self
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise RunDirError(f"{self.run_dir} is being trained right now by another process{holder}; its "
-                              f"checkpoints are still changing. Evaluate it when the training has finished.") from None
+        _lock_or_refuse(fd, fcntl.LOCK_SH, lambda holder: f"{self.run_dir} is being trained right now by another "
+                        f"process{holder}; its checkpoints are still changing. Evaluate it when the training has "
+                        f"finished.")
         self.fd = fd
         return self
 
