@@ -37,20 +37,27 @@ class ModelEntry:
     config_cls: type
     build: Callable[..., nn.Module]
     help: str = ""
+    dims: int = 3
+    """Spatial dimensions of the input the model takes: 3 for volumes (N, C, D, H, W), 2 for images (N, C, H, W)."""
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_cls: type, *, help: str = ""):
-    """Decorator that registers `build(cfg, *, in_channels, num_classes, input_size) -> nn.Module`."""
+def register_model(name: str, config_cls: type, *, help: str = "", dims: int = 3):
+    """Decorator that registers `build(cfg, *, in_channels, num_classes, input_size) -> nn.Module`.
+
+    `dims` is 3 for a volume model (input (N, C, S, S, S)) and 2 for an image model (input (N, C, S, S)).
+    """
+    if dims not in (2, 3):
+        raise ValueError(f"register_model({name!r}): dims must be 2 or 3, got {dims!r}")
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"register_model({name!r}): config_cls must be a dataclass, got {config_cls!r}")
 
     def decorator(build):
         if name in MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(name=name, config_cls=config_cls, build=build, help=help)
+        MODELS[name] = ModelEntry(name=name, config_cls=config_cls, build=build, help=help, dims=dims)
         return build
 
     return decorator
