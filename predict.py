@@ -10,8 +10,9 @@ The model is rebuilt from the checkpoint's own config; the config given here sup
 and the data root, and must name the same dataset and size. Scores cover the full split in dataset
 order. Writes `<run dir>/eval/<split>/` (best.pt; `eval/<split>-last<k>/` with --last-k k, and a folder
 named after the checkpoint with --checkpoint, see `eval_folder`): metrics.json, predictions.npz (y_true,
-y_score) and, for MedMNIST datasets, the evaluator's standard result CSV (re-scored to the same numbers by
-`medmnist.Evaluator.parse_and_evaluate`). `--protocol original` reproduces the original code's evaluation
+y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored to the same numbers by
+`medmnist.Evaluator.parse_and_evaluate`), and roc.png, confusion.png, reliability.png (output.plots; the
+expected calibration error is in metrics.json). `--protocol original` reproduces the original code's evaluation
 instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
 it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. A run that train.py is training is refused. Exit codes: 0 done,
 2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
@@ -36,6 +37,7 @@ from data import DataError, check_split
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
+from engine.plots import ECE_BINS, MissingDependency, calibration, plot_evaluation
 from engine.protocols import original_mean, original_protocol_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
@@ -178,7 +180,9 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
 
 def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray, results: list, protocol: str) -> int:
     """The results of `results` = [(path, epoch, auc, acc, scores)] in `out_dir`: the official evaluator's CSV
-    (MedMNIST files), predictions.npz (of the last entry) and metrics.json (AUC/ACC: mean over the entries)."""
+    (MedMNIST files), predictions.npz (of the last entry), metrics.json (AUC/ACC and the expected calibration
+    error: means over the entries) and, with output.plots, roc.png, confusion.png and reliability.png of the
+    last entry's scores (engine/plots.py)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -197,12 +201,22 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
     buffer = io.BytesIO()
     np.savez(buffer, y_true=labels, y_score=scores)
     atomic_write_bytes(buffer.getvalue(), out_dir / "predictions.npz")
-    metrics = {"split": split_name, "auc": auc, "acc": acc, "protocol": protocol,
+    eces = [calibration(labels, r[4], info.task)["ece"] for r in results]
+    metrics = {"split": split_name, "auc": auc, "acc": acc, "ece": float(np.mean(eces)), "ece_bins": ECE_BINS,
+               "protocol": protocol,
                "checkpoint": [str(r[0]) for r in results] if len(results) > 1 else str(results[0][0]),
-               "epochs": [r[1] for r in results], "per_checkpoint": [{"auc": r[2], "acc": r[3]} for r in results],
+               "epochs": [r[1] for r in results],
+               "per_checkpoint": [{"auc": r[2], "acc": r[3], "ece": e} for r, e in zip(results, eces)],
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
     atomic_write_json(metrics, out_dir / "metrics.json")
-    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}")
+    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}  "
+          f"ECE {metrics['ece']:.4f}")
+    if cfg.output.plots:  # of the scores in predictions.npz (the last checkpoint of --last-k)
+        try:
+            plot_evaluation(out_dir, labels, scores, info.task, f"{info.name} {split_name} (n = {len(labels)})",
+                            info.label_names)
+        except MissingDependency as err:
+            print(f"note: no roc.png, confusion.png, reliability.png: {err}")
     print(f"wrote {out_dir}")
     return 0
 

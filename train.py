@@ -38,6 +38,7 @@ from data import batches, check_split, data_md5
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
 from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
+from engine.plots import MissingDependency, TensorBoard, plot_curves
 from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
                            json_safe, remove_stale_temporaries)
 from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
@@ -329,6 +330,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     # last.pt holds the epoch's metrics row and the training time: metrics.csv and train_summary.json are
     # rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most one epoch.
     epoch = start_epoch
+    board = stack.enter_context(contextlib.closing(TensorBoard(run_dir, cfg.output.tensorboard, start_epoch)))
     try:
         atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
         if resumed:  # metrics.csv as last.pt has it (a row a kill kept out of it comes back)
@@ -348,6 +350,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
                 best_auc, best_epoch = val_auc, epoch + 1
             rows.append({"epoch": epoch + 1, "train_loss": f"{loss:.6f}", "val_auc": f"{val_auc:.6f}",
                          "val_acc": f"{val_acc:.6f}", "lr": f"{lr:.3g}", "time_s": f"{seconds:.2f}"})
+            board.log(rows[-1])
             seconds_before += seconds
             state = checkpoint(epoch + 1, seconds_before)
             if improved:
@@ -378,7 +381,18 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
                           f"Free space or fix the folder, then rerun the same command.") from None
 
     print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; checkpoints in {run_dir}")
+    write_curves(cfg, run_dir)
     return 0
+
+
+def write_curves(cfg: Config, run_dir: Path) -> None:
+    """curves.png of the finished run (output.plots); a note, not an error, without matplotlib."""
+    if not cfg.output.plots:
+        return
+    try:
+        print(f"wrote {plot_curves(run_dir)}")
+    except MissingDependency as err:
+        print(f"note: no curves.png: {err}")
 
 
 def _discard_empty_run(run_dir: Path) -> None:

@@ -102,6 +102,11 @@ class OutputConfig:
     dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str = field(default="", metadata={
         "help": "run directory name; empty = `<config file stem>`, e.g. runs/adrenalmnist3d"})
+    plots: bool = field(default=True, metadata={
+        "help": "PNG plots (needs matplotlib; a note if missing): curves.png at the end of training; roc.png, "
+                "confusion.png and reliability.png beside predict.py's metrics.json"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "TensorBoard scalars per epoch in <run dir>/tensorboard/ (needs the tensorboard package)"})
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "output": OutputConfig}

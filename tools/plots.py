@@ -14,13 +14,12 @@ Per table (written next to table.md):
 - `heatmap_<group>.png` where the grid's table has a "heatmap" ({"rows", "cols", "panels", "metric"}, e.g.
   memory x dimension for TTM and LMTTM in Tables 8-9): one panel per model, ours above, the paper below.
 
-matplotlib is imported only inside these functions; training never imports this module.
+The per-run plots live in engine/plots.py (train.py and predict.py write them too); matplotlib is imported
+only inside the plotting functions.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,110 +27,25 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-class MissingDependency(RuntimeError):
-    """matplotlib (or another optional plotting dependency) is not installed."""
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependency("plots need matplotlib, which is not installed: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def read_metrics_csv(path) -> dict:
-    """Columns of metrics.csv as lists of floats (empty cells become NaN)."""
-    cols: dict[str, list] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                try:
-                    x = float(value)
-                except (TypeError, ValueError):
-                    x = math.nan
-                cols.setdefault(key, []).append(x)
-    return cols
-
-
-def plot_curves(run_dir) -> Path | None:
-    """curves.png from metrics.csv (None if the run has no metrics.csv)."""
-    run_dir = Path(run_dir)
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None
-    cols = read_metrics_csv(path)
-    plt = _pyplot()
-    epochs = cols.get("epoch", [])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, cols.get("train_loss", [math.nan] * len(epochs)), marker=".", label="train loss")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
-    ax1.set_title("training loss")
-    for key, label in (("val_auc", "val AUC"), ("val_acc", "val ACC")):
-        if key in cols:
-            ax2.plot(epochs, cols[key], marker=".", label=label)
-    try:
-        best = json.loads((run_dir / "train_summary.json").read_text()).get("best_epoch")
-    except (OSError, ValueError):
-        best = None
-    if isinstance(best, (int, float)):
-        ax2.axvline(best, color="gray", ls=":", lw=1, label=f"best epoch ({best})")
-    ax2.set_xlabel("epoch")
-    ax2.set_title("validation")
-    ax2.legend()
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.name, fontsize=9)
-    fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+from engine import plots as _run_plots  # noqa: E402
+from engine.plots import MissingDependency, plot_curves, pyplot as _pyplot, read_metrics_csv  # noqa: E402,F401
 
 
 def plot_roc(run_dir, split: str = "test") -> Path | None:
-    """roc_<split>.png from eval/<split>/predictions.npz (None if absent)."""
+    """roc_<split>.png in the run directory from eval/<split>/predictions.npz (None if absent)."""
     import numpy as np
-    from sklearn.metrics import auc as area, roc_curve
 
     run_dir = Path(run_dir)
     path = run_dir / "eval" / split / "predictions.npz"
     if not path.is_file():
         return None
     with np.load(path) as data:
-        y_true = np.asarray(data["y_true"]).reshape(-1).astype(int)
+        y_true = np.asarray(data["y_true"])
         y_score = np.asarray(data["y_score"], dtype=float)
-    if y_score.ndim == 1:
-        y_score = np.stack([1 - y_score, y_score], axis=1)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    k = y_score.shape[1]
-    classes = [1] if k == 2 else list(range(k))
-    aucs = []
-    for c in classes:
-        positives = y_true == c
-        if positives.all() or not positives.any():
-            continue  # one-vs-rest is undefined for a class absent (or alone) in the split
-        fpr, tpr, _ = roc_curve(positives.astype(int), y_score[:, c])
-        aucs.append(area(fpr, tpr))
-        label = f"AUC {aucs[-1]:.3f}" if k == 2 else f"class {c} vs rest (AUC {aucs[-1]:.3f})"
-        ax.plot(fpr, tpr, label=label)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    mean = f", mean AUC {sum(aucs) / len(aucs):.3f}" if len(aucs) > 1 else ""
-    ax.set_title(f"ROC, {split} split (n = {len(y_true)}){mean}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / f"roc_{split}.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    multilabel = y_true.ndim == 2 and y_true.shape == y_score.shape and y_true.shape[1] > 1
+    task = "multi-label, binary-class" if multilabel else "multi-class"
+    return _run_plots.plot_roc(y_true, y_score, task, run_dir / f"roc_{split}.png",
+                               f"ROC, {split} split (n = {len(y_true)})")
 
 
 def plot_run(run_dir, split: str = "test") -> list:
