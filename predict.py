@@ -5,6 +5,7 @@
     python predict.py demo.json --checkpoint runs/demo/last.pt
     python predict.py base.json --last-k 20             # the paper's protocol: mean over the last 20 epochs
     python predict.py base.json --last-k 20 --protocol original   # the original code's evaluation (comparison only)
+    python predict.py base.json --input scan.nii.gz scans/  # your own volumes -> <run dir>/input_predictions.csv
 
 The model is rebuilt from the checkpoint's own config; the config given here supplies the run directory
 and the data root, and must name the same dataset and size. Scores cover the full split in dataset
@@ -14,8 +15,10 @@ y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored t
 `medmnist.Evaluator.parse_and_evaluate`), and roc.png, confusion.png, reliability.png (output.plots; the
 expected calibration error is in metrics.json). `--protocol original` reproduces the original code's evaluation
 instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
-it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. A run that train.py is training is refused. Exit codes: 0 done,
-2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
+it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
+user's own files instead (engine/inputs.py). A run that train.py is training is refused. Exit codes: 0 done,
+1 some --input file could not be scored, 2 bad config, data, checkpoint or output folder, 130 Ctrl-C,
+143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ from data import DataError, check_split
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
+from engine.inputs import predict_inputs
 from engine.plots import ECE_BINS, MissingDependency, calibration, plot_evaluation
 from engine.protocols import original_mean, original_protocol_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 from model.classical import is_classical
+from model.registry import get_model_entry
 
 ESTIMATOR_NAME = "model.joblib"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
 
@@ -58,6 +63,15 @@ def parse_args(argv=None):
                              "evaluation, for comparison only (shuffled, last partial batch dropped, carried state "
                              "kept, mean over k checkpoints divided by k - 1); see REPRODUCTION.md")
     parser.add_argument("--protocol-seed", type=int, default=0, help="shuffle seed of --protocol original")
+    own = parser.add_argument_group("your own scans (engine/inputs.py; see the README)")
+    own.add_argument("--input", nargs="+", metavar="PATH", help="score these files and folders instead of a split: "
+                     "NIfTI (.nii, .nii.gz), NumPy (.npy, .npz with one array), images for 2-D models")
+    own.add_argument("--out", type=Path, help="CSV of --input's predictions (default: <run dir>/input_predictions.csv)")
+    own.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                     help="intensity window (e.g. CT -1000 400): clip to it and scale it to [0, 1], instead of the "
+                          "volume's min/max")
+    own.add_argument("--save-preprocessed", type=Path, metavar="DIR",
+                     help="write what the model saw, one .npy per input (float in [0, 1], (C, S, S, S))")
     return parser.parse_known_args(argv)
 
 
@@ -125,7 +139,40 @@ def main(argv=None) -> int:
     device = resolve_device(cfg.train.device)
     info = dataset_for(cfg)
     with SharedRunLock(cfg.run_dir):  # refused while train.py holds the run
+        if args.input:
+            return _predict_inputs(args, cfg, device, info)
         return _evaluate(args, cfg, split_name, device, info)
+
+
+def _predict_inputs(args, cfg, device, info) -> int:
+    """--input: the checkpoint (best.pt by default) on the user's own files; one CSV row per file."""
+    given = [name for name, value in (("--split", args.split), ("--last-k", args.last_k)) if value is not None]
+    if args.protocol != "medmnist":
+        given.append("--protocol")
+    if given:
+        raise ConfigError(f"--input scores your own files with one checkpoint; it excludes {', '.join(given)}")
+    if is_classical(cfg.model):
+        raise ConfigError(f"--input needs a neural-network checkpoint; {cfg.model_name} is a scikit-learn baseline")
+    path = args.checkpoint or cfg.run_dir / "best.pt"
+    ckpt = load_checkpoint(path, map_location="cpu")
+    check_same_task(cfg, info, ckpt, path)
+    trained_cfg = config_from_dict([(str(path), ckpt["config"])])
+    model = model_from_config(trained_cfg, info)
+    load_weights(model, ckpt, path)
+    del ckpt
+    full = uses_full_batches(trained_cfg.model)
+    try:
+        return predict_inputs(args.input, model=model.to(device), info=info,
+                              dims=get_model_entry(trained_cfg.model_name).dims,
+                              batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
+                              amp=trained_cfg.train.amp, full_batches=full,
+                              window=tuple(args.window) if args.window else None,
+                              out=args.out or cfg.run_dir / "input_predictions.csv",
+                              save_preprocessed=args.save_preprocessed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise RunDirError(f"cannot write the predictions: {err}") from None
 
 
 def _evaluate(args, cfg, split_name, device, info) -> int:
