@@ -3,6 +3,7 @@
     python train.py base.json                                   # paper defaults on config/base.json's dataset
     python train.py adrenalmnist3d --train.epochs 50 --model.dim 64 --model.memory_tokens 64
     python train.py demo.json                                   # offline synthetic demo, about a minute on a CPU
+    torchrun --nproc_per_node 4 train.py base.json              # DistributedDataParallel (engine/distributed.py)
 
 The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
@@ -32,11 +33,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import batches, check_split, data_md5
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
 from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
+from engine import distributed
+from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.plots import MissingDependency, TensorBoard, plot_curves
 from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
@@ -79,15 +83,18 @@ def learning_rate(cfg: Config, epoch: int) -> float:
 
 
 def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *, forward=None,
-                    check_every: int = 25) -> float:
+                    check_every: int = 25, dist: Distributed | None = None) -> float:
     """One pass over the shuffled training split; returns the mean loss. Raises NonFiniteLoss.
 
     `forward` is the callable that runs the model (the compiled module with `train.compile`, else the model).
     The loss is summed on the device; it is read back (a host synchronisation) only every `check_every`
     steps and at the end, where a non-finite sum stops the epoch: nothing of it is saved, and last.pt keeps
     the last good epoch. Models whose predictions depend on the batch (the original's compat options) see
-    full batches only: the last partial batch is dropped, as the original's loader did.
+    full batches only: the last partial batch is dropped, as the original's loader did. Under torchrun
+    (`dist`), every rank trains on its shard of the same global batch (engine/distributed.py) and the returned
+    loss is the global mean.
     """
+    dist = dist or Distributed.single()
     model.train()
     forward = model if forward is None else forward
     shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # same order on resume
@@ -97,28 +104,33 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *,
     total, seen = torch.zeros((), device=device), 0
     bar = tqdm(batches(split, cfg.train.batch_size, shuffle=True, generator=shuffle, device=device, drop_last=full),
                total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
-               disable=None)
+               disable=None if dist.leader else True)
 
     def check(step: int) -> None:
-        mean = total.item() / seen
+        mean = dist.sum(total).item() / seen
         if not math.isfinite(mean):
             raise NonFiniteLoss(f"the training loss became {mean} in epoch {epoch + 1} (by step {step} of {steps})")
         bar.set_postfix(loss=f"{mean:.4f}")
 
     for step, (x, y) in enumerate(bar, start=1):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(forward(x).float(), y)
+            if dist.enabled:  # this rank's shard; DDP's mean over ranks is the global batch's gradient
+                xs, ys, weight = dist.shard(x, y)
+                summed = F.cross_entropy(forward(xs).float(), ys, reduction="sum")
+                loss = summed * weight
+            else:
+                loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
-        total += loss.detach() * len(y)
+        total += summed.detach() * (weight > 0) if dist.enabled else loss.detach() * len(y)
         seen += len(y)
         if step % check_every == 0:
             check(step)
     check(steps)
-    return total.item() / seen
+    return dist.sum(total).item() / seen
 
 
 def check_resumable(cfg: Config, ckpt: dict, path: Path) -> None:
@@ -241,11 +253,14 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     cfg = load_config(args.config, overrides)
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
     apply_tf32(cfg.train.tf32)
-    device = resolve_device(cfg.train.device)
+    dist, device_name = distributed.from_environment(cfg.train.device)  # torchrun: one process per rank
+    stack.callback(dist.close)
+    device = resolve_device(device_name)
+    say = print if dist.leader else (lambda *a, **k: None)  # rank 0 alone logs and writes the run directory
     run_dir = cfg.run_dir
     last_path = run_dir / "last.pt"
     lock = None
-    if run_dir.exists() or run_dir.is_symlink():
+    if dist.leader and (run_dir.exists() or run_dir.is_symlink()):
         lock = stack.enter_context(RunLock(run_dir))
         if args.restart:
             aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -253,13 +268,16 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             lock.release()  # the lock file moved with the old run
             lock = None
             print(f"--restart: moved the previous run to {aside}")
+    if dist.enabled and (is_classical(cfg.model) or uses_full_batches(cfg.model)):
+        raise ConfigError(f"{cfg.model_name} with these options cannot train under torchrun: scikit-learn baselines "
+                          f"and the batch-dependent compat options run in one process; use python train.py")
     if is_classical(cfg.model):  # a scikit-learn baseline: fitted by engine/classical.py (same run rules)
         from engine import classical
 
         return classical.train(cfg, run_dir, lock, stack)
     resume = read_resume(cfg, run_dir) if lock is not None else None
-    if resume is not None and resume["epoch"] >= cfg.train.epochs:
-        return _already_finished(cfg, run_dir, resume)
+    if dist.share(resume is not None and resume["epoch"] >= cfg.train.epochs):
+        return _already_finished(cfg, run_dir, resume) if dist.leader else 0
 
     # data and model (nothing is written until they are ready) -------------------------------------------
     seed_everything(cfg.train.seed)
@@ -270,15 +288,16 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     model = model_from_config(cfg, info).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         executed = executed_parameter_count(copy.deepcopy(model), splits["train"].images[:1].float().to(device) / 255)
-    print(f"{cfg.model_name} on {info.name} ({info.size}³, {info.num_classes} classes, {info.task}); "
-          f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; device {device}")
+    say(f"{cfg.model_name} on {info.name} ({info.size}³, {info.num_classes} classes, {info.task}); "
+        f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; device {device}"
+        f"{f'; torchrun: {dist.world_size} processes' if dist.enabled else ''}")
     if md5 is not None:
-        print(f"data file {info.path} MD5 {md5} "
-              f"({'as in medmnist.INFO' if md5 == info.md5 else f'NOT the released file, which has {info.md5}'})")
-    print(f"parameters (executed path): {executed:,}")
+        say(f"data file {info.path} MD5 {md5} "
+            f"({'as in medmnist.INFO' if md5 == info.md5 else f'NOT the released file, which has {info.md5}'})")
+    say(f"parameters (executed path): {executed:,}")
     if executed != count_parameters(model):
-        print(f"warning: {count_parameters(model) - executed:,} parameters of the model get no gradient in a "
-              f"training step (they never change); training goes on")
+        say(f"warning: {count_parameters(model) - executed:,} parameters of the model get no gradient in a "
+            f"training step (they never change); training goes on")
     optimizer = make_optimizer(cfg, model.parameters())
     full_batches = uses_full_batches(cfg.model)  # the original's compat: every batch at the training batch size
     eval_batch = cfg.train.batch_size if full_batches else cfg.eval.batch_size
@@ -286,20 +305,27 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
         raise ConfigError(f"the compat options of this model run full batches only (as the original), but the "
                           f"training split has {len(splits['train'])} samples, fewer than train.batch_size = "
                           f"{cfg.train.batch_size}; lower the batch size")
-    forward = compile_model(model, cfg.train.compile)
+    if dist.enabled:  # DDP trains; rank 0 evaluates alone with the unwrapped model (a DDP forward waits for all)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_forward, forward = compile_model(ddp, cfg.train.compile), model
+    else:
+        forward = train_forward = compile_model(model, cfg.train.compile)
 
     # the run directory: created and locked only now --------------------------------------------------------
     created = False
-    if lock is None:
+    if dist.leader and lock is None:
         created = not run_dir.exists()
         lock = stack.enter_context(RunLock(run_dir))
         resume = read_resume(cfg, run_dir)  # another process may have trained here meanwhile
-        if resume is not None and resume["epoch"] >= cfg.train.epochs:
-            return _already_finished(cfg, run_dir, resume)
-    stale = remove_stale_temporaries(run_dir)
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
-    (run_dir / "train_summary.json").unlink(missing_ok=True)  # the run is not finished (any more)
+    if dist.share(resume is not None and resume["epoch"] >= cfg.train.epochs):
+        return _already_finished(cfg, run_dir, resume) if dist.leader else 0
+    if dist.share(resume is not None) and not dist.leader:
+        resume = read_resume(cfg, run_dir)  # the other ranks resume from the file rank 0 checked
+    if dist.leader:
+        stale = remove_stale_temporaries(run_dir)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
+        (run_dir / "train_summary.json").unlink(missing_ok=True)  # the run is not finished (any more)
 
     start_epoch, best_auc, best_epoch, rows, seconds_before = 0, -math.inf, -1, [], 0.0
     if resume is not None:
@@ -307,11 +333,11 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
         optimizer.load_state_dict(resume["optimizer"])
         note = restore_rng_state(resume["rng"])
         if note:
-            print(note)
+            say(note)
         start_epoch, best_auc, best_epoch = resume["epoch"], resume["best_val_auc"], resume["best_epoch"]
         rows, seconds_before = metrics_rows_of(resume, run_dir), float(resume.get("train_seconds", 0.0))
-        print(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
-    else:  # a new run: whatever an earlier attempt left before committing its first epoch is stale
+        say(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
+    elif dist.leader:  # a new run: whatever an earlier attempt left before committing its first epoch is stale
         for name in ("metrics.csv", "best.pt"):
             (run_dir / name).unlink(missing_ok=True)
         prune_epoch_files(run_dir, 0, 0)
@@ -324,23 +350,31 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
                 "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
                             "task": info.task, "md5": md5},
                 "param_count": executed, "versions": package_versions(), "rng": rng_state(),
+                "world_size": dist.world_size,
                 "metrics": [dict(r) for r in rows], "train_seconds": train_seconds}
 
     # epoch loop: train -> validate -> save (best.pt, epoch file, then last.pt = the commit) -> records ------
     # last.pt holds the epoch's metrics row and the training time: metrics.csv and train_summary.json are
     # rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most one epoch.
     epoch = start_epoch
-    board = stack.enter_context(contextlib.closing(TensorBoard(run_dir, cfg.output.tensorboard, start_epoch)))
+    board = stack.enter_context(contextlib.closing(
+        TensorBoard(run_dir, cfg.output.tensorboard and dist.leader, start_epoch)))
     try:
-        atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
-        if resumed:  # metrics.csv as last.pt has it (a row a kill kept out of it comes back)
-            sync_records(run_dir, checkpoint(start_epoch, seconds_before), finished=False)
+        if dist.leader:
+            atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+            if resumed:  # metrics.csv as last.pt has it (a row a kill kept out of it comes back)
+                sync_records(run_dir, checkpoint(start_epoch, seconds_before), finished=False)
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.time()
             lr = learning_rate(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_one_epoch(model, optimizer, splits["train"], cfg, epoch, device, forward=forward)
+            dist.reseed(cfg.train.seed, epoch)  # torchrun only: each rank's dropout/noise stream
+            loss = train_one_epoch(model, optimizer, splits["train"], cfg, epoch, device, forward=train_forward,
+                                   dist=dist)
+            if not dist.leader:
+                dist.barrier()  # rank 0 validates and commits the epoch
+                continue
             scores = predict_scores(forward, splits["val"], batch_size=eval_batch, device=device,
                                     amp=cfg.train.amp, full_batches=full_batches)
             val_auc, val_acc = official_metrics(splits["val"].labels.cpu().numpy(), scores, info.task)
@@ -363,6 +397,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             sync_records(run_dir, state, finished=epoch + 1 == cfg.train.epochs)
             print(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val AUC {val_auc:.4f}  "
                   f"val ACC {val_acc:.4f}  {seconds:.1f}s{'  *best*' if improved else ''}", flush=True)
+            dist.barrier()
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what} in epoch {epoch + 1}; that epoch is abandoned. {_committed(last_path)} "
@@ -380,6 +415,8 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
         raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {committed} "
                           f"Free space or fix the folder, then rerun the same command.") from None
 
+    if not dist.leader:
+        return 0
     print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; checkpoints in {run_dir}")
     write_curves(cfg, run_dir)
     return 0
