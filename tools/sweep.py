@@ -6,6 +6,8 @@
     python tools/sweep.py experiments/table2.json --only adrenalmnist3d --max-runs 4
     python tools/sweep.py experiments/table4.json --override data.root=../shared/data/medmnist
     python tools/sweep.py experiments/table8.json --jobs 8 --devices cuda:0,cuda:1   # 8 runs at once, 4 per GPU
+    python tools/sweep.py experiments/table2.json --launcher slurm --partition gpu --gpus-per-run 1  # tools/cluster.py
+    python tools/sweep.py experiments/table2.json --status             # each run's state, from the run directories
 
 Each run is two engine calls, made with this Python from the repository root:
 
@@ -88,6 +90,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+if __package__ in (None, ""):  # run as a script: the repository root, for tools.cluster
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "config"
@@ -900,6 +905,29 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
                              "default: cores // N, at least 1; 0 leaves the environment's")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
+    parser.add_argument("--status", action="store_true",
+                        help="each run's state read from the run directories (queued, running, finished, failed "
+                             "with its log), for sweeps on a cluster; runs nothing")
+    cluster_args = parser.add_argument_group("cluster (tools/cluster.py; needs submitit)")
+    cluster_args.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                              help="local (default): run here; slurm: one SLURM job per unfinished run, as a job "
+                                   "array; submitit-local: the same jobs on this machine through submitit")
+    cluster_args.add_argument("--partition", help="SLURM partition")
+    cluster_args.add_argument("--gpus-per-run", type=int, default=0, metavar="G", help="GPUs of each job (default 0)")
+    cluster_args.add_argument("--cpus-per-run", type=int, default=4, metavar="C",
+                              help="CPU cores of each job, also its OMP/MKL threads (default 4)")
+    cluster_args.add_argument("--time", type=int, default=240, metavar="MIN",
+                              help="time limit of each job in minutes (default 240); a job out of time is requeued "
+                                   "and resumes from last.pt")
+    cluster_args.add_argument("--mem", type=int, metavar="GB", help="memory of each job in GB (default: the partition's)")
+    cluster_args.add_argument("--slurm-array-parallelism", type=int, default=256, metavar="N",
+                              help="at most N jobs of the array run at once (default 256)")
+    cluster_args.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                              help="any other sbatch option, e.g. account=proj42, qos=long, constraint=a100")
+    cluster_args.add_argument("--max-requeues", type=int, default=3, metavar="N",
+                              help="time-outs a job may be requeued after (pre-emptions do not count; default 3)")
+    cluster_args.add_argument("--resubmit", action="store_true",
+                              help="also submit runs whose job_state.json says queued or running (their job is gone)")
     args = parser.parse_args(argv)
     try:
         if args.jobs < 1:
@@ -918,6 +946,13 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     runs_dir = runs_dir_of(grid, args.out)
+    if args.status:
+        from tools import cluster
+
+        print("\n".join(cluster.status_lines(runs, runs_dir)))
+        return 0
+    if args.launcher != "local":
+        return _launch_on_cluster(args, runs, runs_dir, extra, grid)
     if args.list:
         for run in runs:
             d = runs_dir / run.name
@@ -944,6 +979,44 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
         return 130
     print(summary_text(result, args.dry_run))
     return result.exit_code
+
+
+def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> int:
+    """--launcher slurm / submitit-local (tools/cluster.py): submit; submitit-local also waits for its jobs."""
+    from tools import cluster
+
+    try:
+        if args.jobs != 1 or args.devices or args.dry_run:
+            raise cluster.ClusterError("--jobs, --devices and --dry-run belong to --launcher local; a cluster gives "
+                                       "each run its own job (--gpus-per-run, --cpus-per-run)")
+        slurm_extra = dict(cluster.parse_extra(o) for o in args.slurm_extra)
+        for name, value in (("--cpus-per-run", args.cpus_per_run), ("--time", args.time),
+                            ("--slurm-array-parallelism", args.slurm_array_parallelism)):
+            if value < 1:
+                raise cluster.ClusterError(f"{name} must be at least 1, got {value}")
+        print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}, launcher {args.launcher}")
+        result, jobs = cluster.submit(
+            runs, runs_dir, extra=extra, launcher=args.launcher, max_runs=args.max_runs, resubmit=args.resubmit,
+            partition=args.partition, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+            time_min=args.time, mem_gb=args.mem, array_parallelism=args.slurm_array_parallelism, sbatch_extra=slurm_extra,
+            max_requeues=args.max_requeues, job_name=f"lmttm-{grid['name']}")
+    except (cluster.ClusterError, GridError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} job(s) submitted, {len(result.skipped)} run(s) finished before, "
+          f"{len(result.not_started)} left out, {len(result.failed)} failed")
+    if args.launcher == "slurm":
+        print(f"follow them with: python tools/sweep.py {args.grid} --status")
+        return 1 if result.failed else 0
+    failed = len(result.failed)
+    for name, job in jobs:  # submitit-local: the jobs are children of this process; wait for them
+        try:
+            job.result()
+            print(f"{name}: done")
+        except Exception as err:  # noqa: BLE001 - a failed job is reported, the others go on
+            failed += 1
+            print(f"{name}: FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
