@@ -8,7 +8,7 @@ from model.registry import (MODELS, ModelEntry, build_model, count_parameters, e
                             get_model_entry, register_model)
 
 # Importing a model file registers it.
-from model import classical, lmttm, resnet, ttm, vit  # noqa: E402,F401
+from model import classical, lmttm, medmamba, resnet, ttm, vit  # noqa: E402,F401
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "count_parameters", "executed_parameter_count",
            "get_model_entry", "register_model"]
