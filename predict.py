@@ -127,8 +127,8 @@ def check_same_task(cfg, info, ckpt: dict, path: Path) -> None:
     """Refuse a checkpoint trained on another dataset, size or class count than the config names."""
     trained = ckpt["dataset"]
     if (trained["name"], trained["size"]) != (info.name, info.size) or trained["num_classes"] != info.num_classes:
-        raise CheckpointError(f"{path} was trained on {trained['name']} ({trained['size']}³, {trained['num_classes']} "
-                              f"classes) but the config names {info.name} ({info.size}³, {info.num_classes} classes)")
+        raise CheckpointError(f"{path} was trained on {trained['name']} (size {trained['size']}, {trained['num_classes']} "
+                              f"classes) but the config names {info.name} (size {info.size}, {info.num_classes} classes)")
 
 
 def main(argv=None) -> int:

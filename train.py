@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -41,7 +40,7 @@ from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, pa
 from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
 from engine import distributed
 from engine.distributed import Distributed
-from engine.evaluate import official_metrics, predict_scores, uses_full_batches
+from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import MissingDependency, TensorBoard, plot_curves
 from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
                            json_safe, remove_stale_temporaries)
@@ -116,10 +115,10 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *,
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
             if dist.enabled:  # this rank's shard; DDP's mean over ranks is the global batch's gradient
                 xs, ys, weight = dist.shard(x, y)
-                summed = F.cross_entropy(forward(xs).float(), ys, reduction="sum")
+                summed = task_loss(forward(xs).float(), ys, reduction="sum")
                 loss = summed * weight
             else:
-                loss = F.cross_entropy(forward(x).float(), y)
+                loss = task_loss(forward(x).float(), y)  # cross-entropy (BCE for multi-label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
@@ -288,7 +287,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     model = model_from_config(cfg, info).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         executed = executed_parameter_count(copy.deepcopy(model), splits["train"].images[:1].float().to(device) / 255)
-    say(f"{cfg.model_name} on {info.name} ({info.size}³, {info.num_classes} classes, {info.task}); "
+    say(f"{cfg.model_name} on {info.name} ({info.size_text}, {info.num_classes} classes, {info.task}); "
         f"train/val/test {len(splits['train'])}/{len(splits['val'])}/{len(splits['test'])}; device {device}"
         f"{f'; torchrun: {dist.world_size} processes' if dist.enabled else ''}")
     if md5 is not None:

@@ -1,4 +1,5 @@
-"""Dataset metadata: the supported names, their MedMNIST facts and the expected file locations.
+"""Dataset metadata: the supported names (MedMNIST 3D and 2D, and the offline `synthetic3d` / `synthetic2d`),
+their MedMNIST facts and the expected file locations.
 
 The MedMNIST facts (task, labels, split sizes, download URLs and MD5 sums) come from the table
 `medmnist.info.INFO` of the installed `medmnist` package, so they always match the files that
@@ -24,10 +25,28 @@ MEDMNIST_3D_NAMES: tuple[str, ...] = (
     "vesselmnist3d",
     "synapsemnist3d",
 )
+MEDMNIST_2D_NAMES: tuple[str, ...] = (
+    "pathmnist",
+    "chestmnist",
+    "dermamnist",
+    "octmnist",
+    "pneumoniamnist",
+    "retinamnist",
+    "breastmnist",
+    "bloodmnist",
+    "tissuemnist",
+    "organamnist",
+    "organcmnist",
+    "organsmnist",
+)
 SYNTHETIC_NAME = "synthetic3d"
-DATASET_NAMES: tuple[str, ...] = (*MEDMNIST_3D_NAMES, SYNTHETIC_NAME)
+SYNTHETIC_2D_NAME = "synthetic2d"
+DATASET_NAMES: tuple[str, ...] = (*MEDMNIST_3D_NAMES, SYNTHETIC_NAME, *MEDMNIST_2D_NAMES, SYNTHETIC_2D_NAME)
 
 SIZES: tuple[int, ...] = (28, 64)
+"""Volume sides of the 3D datasets (MedMNIST v2 and MedMNIST+)."""
+SIZES_2D: tuple[int, ...] = (28, 64, 128, 224)
+"""Image sides of the 2D datasets."""
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 # The built-in synthetic dataset (see `data.synthetic`).
@@ -37,6 +56,16 @@ SYNTHETIC_LABEL_NAMES: dict[str, str] = {
     "1": "ball: as long along depth as it is wide",
     "2": "rod: long along the depth axis",
 }
+SYNTHETIC_2D_LABEL_NAMES: dict[str, str] = {
+    "0": "horizontal bar",
+    "1": "vertical bar",
+    "2": "plus sign (both bars)",
+}
+
+
+def dims_of(name: str) -> int:
+    """2 for the 2D datasets (images), 3 for the 3D ones (volumes)."""
+    return 2 if name in MEDMNIST_2D_NAMES or name == SYNTHETIC_2D_NAME else 3
 
 
 class DataError(Exception):
@@ -56,16 +85,28 @@ class DatasetInfo:
     n_samples: dict[str, int]
     """Official number of samples per split ("train", "val", "test")."""
     size: int
-    """Side of the cubic volumes: 28 or 64."""
+    """Side of the cubic volumes (28 or 64) or square images (28, 64, 128 or 224)."""
     path: Path | None
     """Expected .npz path; None for the in-memory synthetic dataset or when no root was given."""
     url: str | None
     md5: str | None
+    dims: int = 3
+    """3 for volumes (N, C, S, S, S), 2 for images (N, C, S, S)."""
 
     @property
     def is_synthetic(self) -> bool:
-        """True for the built-in dataset that is generated in memory."""
-        return self.name == SYNTHETIC_NAME
+        """True for the built-in datasets that are generated in memory."""
+        return self.name in (SYNTHETIC_NAME, SYNTHETIC_2D_NAME)
+
+    @property
+    def is_multilabel(self) -> bool:
+        """ChestMNIST's task: several binary labels per image, labels (N, L)."""
+        return self.task.startswith("multi-label")
+
+    @property
+    def size_text(self) -> str:
+        """28³ for a volume, 28² for an image."""
+        return f"{self.size}{'³' if self.dims == 3 else '²'}"
 
     @property
     def filename(self) -> str | None:
@@ -119,30 +160,36 @@ def _unknown_name_error(name: str) -> DataError:
 
 
 def dataset_info(name: str, *, size: int = 28, root: str | Path | None = None) -> DatasetInfo:
-    """Describe dataset `name` at volume side `size` (28 or 64).
+    """Describe dataset `name` at side `size` (3D: 28 or 64; 2D: 28, 64, 128 or 224).
 
     `root` is the folder holding the MedMNIST files (``~`` is expanded, relative paths are made
     absolute); the expected file is
-    ``root / "<name>.npz"`` for size 28 and ``root / "<name>_64.npz"`` for size 64. Without a root,
+    ``root / "<name>.npz"`` for size 28 and ``root / "<name>_<size>.npz"`` otherwise. Without a root,
     `path` is None. Unknown names and sizes raise DataError.
     """
     if name not in DATASET_NAMES:
         raise _unknown_name_error(name)
-    if size not in SIZES:
-        raise DataError(f"Unsupported volume size {size!r} for {name}: choose one of {', '.join(map(str, SIZES))}.")
+    dims = dims_of(name)
+    sizes = SIZES if dims == 3 else SIZES_2D
+    if size not in sizes:
+        what = "volume" if dims == 3 else "image"
+        raise DataError(f"Unsupported {what} size {size!r} for {name} ({dims}-D): choose one of "
+                        f"{', '.join(map(str, sizes))}.")
 
-    if name == SYNTHETIC_NAME:
+    if name in (SYNTHETIC_NAME, SYNTHETIC_2D_NAME):
+        labels = SYNTHETIC_LABEL_NAMES if dims == 3 else SYNTHETIC_2D_LABEL_NAMES
         return DatasetInfo(
             name=name,
             task="multi-class",
-            num_classes=len(SYNTHETIC_LABEL_NAMES),
+            num_classes=len(labels),
             in_channels=1,
-            label_names=dict(SYNTHETIC_LABEL_NAMES),
+            label_names=dict(labels),
             n_samples=dict(SYNTHETIC_SPLIT_SIZES),
             size=size,
             path=None,
             url=None,
             md5=None,
+            dims=dims,
         )
 
     entry = medmnist_info_table()[name]
@@ -159,4 +206,5 @@ def dataset_info(name: str, *, size: int = 28, root: str | Path | None = None) -
         path=path,
         url=entry[f"url{suffix}"],
         md5=entry[f"MD5{suffix}"],
+        dims=dims,
     )

@@ -1,4 +1,4 @@
-"""Loading MedMNIST 3D splits into memory and iterating over them in batches."""
+"""Loading MedMNIST splits (3D volumes and 2D images) into memory and iterating over them in batches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from data import download as _download
 from data.info import SPLIT_NAMES, DataError, DatasetInfo, dataset_info
-from data.synthetic import make_synthetic_split
+from data.synthetic import make_synthetic_split, make_synthetic_split_2d
 
 Device = torch.device | str | None
 
@@ -23,8 +23,9 @@ Device = torch.device | str | None
 class Split:
     """One split held in memory.
 
-    `images` is uint8 (N, C, S, S, S) with C = 1; the axes after the channel keep the stored
-    order, so axis 2 is the depth axis of the volume. `labels` is int64 (N,).
+    `images` is uint8 (N, C, S, S, S) with C = 1 for volumes (the axes after the channel keep the stored
+    order, so axis 2 is the depth axis of the volume) and (N, C, S, S) with C = 1 or 3 for images.
+    `labels` is int64 (N,) class indices, or (N, L) of 0/1 for a multi-label task (ChestMNIST).
     """
 
     images: torch.Tensor
@@ -69,14 +70,26 @@ def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
 
 
 def _check_arrays(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Check the shapes, dtypes and label range of one stored split; return labels as int64 (N,)."""
+    """Check the shapes, dtypes and label range of one stored split; return labels as int64 (N,), or (N, L)
+    for a multi-label task."""
     where = f"{info.path}: {split}_images"
-    expected = (info.size,) * 3
-    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1:] != expected:
+    expected = (info.size,) * info.dims + ((3,) if info.dims == 2 and info.in_channels == 3 else ())
+    if images.ndim != len(expected) + 1 or images.dtype != np.uint8 or images.shape[1:] != expected:
         raise DataError(
             f"{where} has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, {', '.join(map(str, expected))}). "
             f"Is this the right file for size {info.size}?"
         )
+    if info.is_multilabel:
+        if labels.ndim != 2 or labels.shape[1] != info.num_classes or labels.dtype.kind not in "iu":
+            raise DataError(f"{info.path}: {split}_labels has shape {labels.shape} and dtype {labels.dtype}; "
+                            f"{info.name} is multi-label: expected integer labels (N, {info.num_classes}) of 0/1.")
+        if labels.shape[0] != images.shape[0]:
+            raise DataError(f"{info.path}: {split}_images has {images.shape[0]} images but {split}_labels has "
+                            f"{labels.shape[0]} rows.")
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise DataError(f"{info.path}: {split}_labels of multi-label {info.name} must be 0 or 1, found values "
+                            f"in [{labels.min()}, {labels.max()}].")
+        return labels.astype(np.int64)
     if not (labels.ndim == 1 or (labels.ndim == 2 and labels.shape[1] == 1)) or labels.dtype.kind not in "iu":
         raise DataError(
             f"{info.path}: {split}_labels has shape {labels.shape} and dtype {labels.dtype}; "
@@ -164,7 +177,7 @@ def load_splits(
     if info.is_synthetic:
         result = {}
         for split in splits:
-            images, labels = make_synthetic_split(split, size)
+            images, labels = (make_synthetic_split if info.dims == 3 else make_synthetic_split_2d)(split, size)
             result[split] = Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
         return result
 
@@ -184,8 +197,11 @@ def load_splits(
     result = {}
     for split, (images, labels) in _read_npz(info, splits).items():
         flat_labels = _check_arrays(info, split, images, labels)
-        # (N, S, S, S) -> (N, 1, S, S, S): a view, the stored axis order is kept.
-        result[split] = Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(flat_labels))
+        if images.ndim == 4 and info.dims == 2:  # RGB (N, S, S, 3) -> channels first (N, 3, S, S)
+            tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        else:  # (N, S, S, S) -> (N, 1, S, S, S), grey (N, S, S) -> (N, 1, S, S): views, the stored axis order kept
+            tensor = torch.from_numpy(images).unsqueeze(1)
+        result[split] = Split(tensor, torch.from_numpy(flat_labels))
         check_split(info, split, result[split], need_all_classes=False)
     _warn_unofficial_sizes(info, {split: len(data) for split, data in result.items()})
     return result
@@ -202,7 +218,14 @@ def check_split(info: DatasetInfo, split_name: str, split: Split, *, need_all_cl
     if len(split) == 0:
         raise DataError(f"the {split_name} split of {where} is empty (0 samples); nothing can be trained or "
                         f"scored on it. Use the released {info.name} file" + (f" (MD5 {info.md5})." if info.md5 else "."))
-    if need_all_classes:
+    if need_all_classes and split.labels.dim() == 2:  # multi-label: each label's AUC needs both values
+        counts = split.labels.detach().cpu().sum(0)
+        one_sided = [j for j, c in enumerate(counts.tolist()) if c in (0, len(split))]
+        if one_sided:
+            raise DataError(f"the {split_name} split of {where} has label(s) {one_sided[:10]} always 0 or always 1; "
+                            f"their AUC is undefined. Use a split where every label occurs and is absent"
+                            + (f", e.g. the released file (MD5 {info.md5})." if info.md5 else "."))
+    elif need_all_classes:
         present = sorted(int(c) for c in torch.unique(split.labels.detach().cpu()).tolist())
         missing = [c for c in range(info.num_classes) if c not in present]
         if missing:
@@ -225,8 +248,8 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches of `split`.
 
-    `x` is float32 in [0, 1] (the uint8 values divided by 255) of shape (B, C, S, S, S) and `y`
-    is int64 (B,), both on `device` (default: where the split is). Without `shuffle` the
+    `x` is float32 in [0, 1] (the uint8 values divided by 255) of shape (B, C, S, S, S) (images:
+    (B, C, S, S)) and `y` is int64 (B,) (multi-label: (B, L)), both on `device` (default: where the split is). Without `shuffle` the
     batches follow the dataset order; with it the order is ``torch.randperm(N, generator=generator)``
     (a CPU generator). The last, smaller batch is yielded unless `drop_last`; with `pad_last` it is
     completed to `batch_size` samples by wrapping around to the first samples of the order (as often

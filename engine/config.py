@@ -45,10 +45,13 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = field(default="adrenalmnist3d", metadata={
         "help": "MedMNIST 3D flag (organmnist3d, nodulemnist3d, adrenalmnist3d, fracturemnist3d, "
-                "vesselmnist3d, synapsemnist3d) or the built-in offline dataset `synthetic3d`"})
+                "vesselmnist3d, synapsemnist3d), MedMNIST 2D flag (pathmnist, chestmnist, dermamnist, octmnist, "
+                "pneumoniamnist, retinamnist, breastmnist, bloodmnist, tissuemnist, organamnist, organcmnist, "
+                "organsmnist; for 2-D models), or a built-in offline dataset `synthetic3d` / `synthetic2d`"})
     root: str = field(default="~/.medmnist", metadata={
         "help": "folder holding the MedMNIST .npz files (relative paths are taken from the working directory)"})
-    size: int = field(default=28, metadata={"choices": [28, 64], "help": "volume side: 28 (MedMNIST v2) or 64 (MedMNIST+)"})
+    size: int = field(default=28, metadata={"choices": [28, 64, 128, 224], "help": "side: volumes 28 (MedMNIST v2) "
+                                             "or 64 (MedMNIST+); images 28, 64, 128 or 224"})
     out_class_num: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "optional check: must equal the class count of the dataset (from medmnist.INFO)"})
     download: bool = field(default=True, metadata={"help": "download a missing file (MD5-checked)"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from medmnist.evaluator import getACC, getAUC
 from tqdm import tqdm
 
@@ -28,7 +29,8 @@ def uses_full_batches(model_cfg) -> bool:
 @torch.no_grad()
 def predict_scores(model: torch.nn.Module, split: Split, *, batch_size: int, device, amp: bool = False,
                    desc: str | None = None, full_batches: bool = False) -> np.ndarray:
-    """Softmax scores (N, K) for every sample of `split` in dataset order (the model is put in eval mode).
+    """Scores (N, K) for every sample of `split` in dataset order (the model is put in eval mode): softmax
+    probabilities, or per-label sigmoid probabilities for a multi-label split (labels (N, L)).
 
     With `full_batches` every forward gets exactly `batch_size` samples: the last partial batch is
     completed with the split's first samples (wrapping around; real volumes, as the original's batches
@@ -41,8 +43,19 @@ def predict_scores(model: torch.nn.Module, split: Split, *, batch_size: int, dev
         for x, _ in tqdm(batches(split, batch_size, device=device, pad_last=full_batches),
                          total=-(-len(split) // batch_size), desc=desc, leave=False,
                          disable=True if desc is None else None, dynamic_ncols=True):
-            scores.append(model(x).float().softmax(dim=-1).cpu())
+            logits = model(x).float()
+            scores.append((logits.sigmoid() if split.labels.dim() == 2 else logits.softmax(dim=-1)).cpu())
     return torch.cat(scores)[: len(split)].numpy()
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The training loss: cross-entropy for class indices y (B,); for multi-label targets y (B, L) binary
+    cross-entropy with logits, averaged over the labels of a sample ("mean": and over the samples; "sum":
+    summed over the samples)."""
+    if y.dim() == 1:
+        return F.cross_entropy(logits, y, reduction=reduction)
+    per_sample = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none").mean(1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 def official_metrics(labels: np.ndarray, scores: np.ndarray, task: str) -> tuple[float, float]:

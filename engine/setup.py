@@ -12,7 +12,8 @@ import torch
 
 from data import DatasetInfo, dataset_info, load_splits
 from engine.config import Config, ConfigError
-from model import build_model
+from model import MODELS, build_model
+from model.registry import get_model_entry
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +103,7 @@ def restore_rng_state(state: dict) -> str | None:
 def dataset_for(cfg: Config) -> DatasetInfo:
     """The dataset's info, checking `data.out_class_num` against the class count of medmnist.INFO."""
     info = dataset_info(cfg.data.name, size=cfg.data.size, root=cfg.data.root)
+    check_dims(cfg.model_name, info)
     if cfg.data.out_class_num is not None and cfg.data.out_class_num != info.num_classes:
         raise ConfigError(f"data.out_class_num = {cfg.data.out_class_num} contradicts {cfg.data.name}, "
                           f"which has {info.num_classes} classes ({info.task}); remove the key or fix it")
@@ -125,7 +127,17 @@ def model_from_config(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
         return build_model(cfg.model_name, in_channels=info.in_channels, num_classes=info.num_classes,
                            input_size=info.size, **dataclasses.asdict(cfg.model))
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"model {cfg.model_name} cannot be built for {info.name} ({info.size}³): {err}") from None
+        raise ConfigError(f"model {cfg.model_name} cannot be built for {info.name} ({info.size_text}): {err}") from None
+
+
+def check_dims(model_name: str, info: DatasetInfo) -> None:
+    """A 2-D model on a 3-D dataset, or the reverse: a ConfigError naming both."""
+    dims = get_model_entry(model_name).dims
+    if dims != info.dims:
+        what = {2: "2-D images", 3: "3-D volumes"}
+        fitting = sorted(name for name, entry in MODELS.items() if entry.dims == info.dims)
+        raise ConfigError(f"model {model_name} takes {what[dims]}, but {info.name} holds {what[info.dims]}; "
+                          f"choose a {info.dims}-D model ({', '.join(fitting)}) or a {dims}-D dataset")
 
 
 def run_cli(main) -> None:

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import data
+from data.info import medmnist_info_table
 from data import download as download_module
 from data import info as info_module
 from data import DATASET_NAMES, DataError, Split, batches, data_md5, dataset_info, file_md5, load_splits
 from helpers import write_fake_medmnist
 
-MEDMNIST_NAMES = [name for name in DATASET_NAMES if name != "synthetic3d"]
+MEDMNIST_NAMES = [name for name in DATASET_NAMES if name.endswith("3d") and name != "synthetic3d"]  # 2D: test_data2d.py
 
 
 class FakeResponse(io.BytesIO):
@@ -42,11 +43,13 @@ def files_under(root: Path) -> list[Path]:
 
 
 def test_dataset_names():
+    # MedMNIST v2's 3D and 2D flags, as its INFO table lists them, and the two built-in datasets
     assert set(DATASET_NAMES) == {
         "organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d",
-        "synapsemnist3d", "synthetic3d",
+        "synapsemnist3d", "synthetic3d", "synthetic2d", *(set(medmnist_info_table()) - {
+            "organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d", "vesselmnist3d", "synapsemnist3d"}),
     }
-    assert len(DATASET_NAMES) == 7
+    assert len(DATASET_NAMES) == 20
 
 
 @pytest.mark.parametrize("name", MEDMNIST_NAMES)
