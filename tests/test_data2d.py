@@ -117,8 +117,10 @@ def test_synthetic2d_is_deterministic_and_learnable_shapes():
             assert spread[1] > spread[0]
 
 
-@pytest.mark.parametrize("name, model", [("synthetic2d", "medmamba_t"), ("pathmnist", "medmambase"),
-                                         ("chestmnist", "medmamba_t"), ("retinamnist", "medmamba_t")])
+@pytest.mark.parametrize("name, model", [("synthetic2d", "medmamba_t"), ("synthetic2d", "medmamba_s"),
+                                         ("synthetic2d", "medmamba_b"), ("synthetic2d", "medmambase"),
+                                         ("pathmnist", "medmambase"), ("chestmnist", "medmamba_t"),
+                                         ("retinamnist", "medmamba_t")])
 def test_train_and_predict_2d(tmp_path, monkeypatch, name, model):
     data = []
     if name != "synthetic2d":

@@ -186,3 +186,36 @@ def test_input_excludes_the_split_options(trained, tmp_path):
     done = subprocess.run([sys.executable, "predict.py", *args, "--input", str(tmp_path / "v.npy"), "--last-k", "1"],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "excludes --last-k" in done.stderr
+
+
+
+def test_png_images_with_a_2d_model_score_as_the_engine_scores_them(tmp_path):
+    """A 2-D model (MedMamba, tiny) trained on synthetic2d; three test images spanning 0..255 saved as PNG get the
+    probabilities the engine's own scoring (predict_scores) gives the same uint8 images."""
+    args = ["medmamba/medmamba_t_pathmnist.json", "--data.name", "synthetic2d", "--model.depths", "[1, 1]",
+            "--model.widths", "[8, 16]", "--train.epochs", "1", "--train.batch_size", "16", "--output.plots", "false",
+            "--output.dir", str(tmp_path), "--output.name", "run"]
+    assert train.main(args) == 0
+    import torch
+
+    from data import load_splits
+    from data.loading import Split
+    from engine.checkpoint import load_checkpoint
+    from engine.config import config_from_dict
+    from engine.evaluate import predict_scores
+    from engine.setup import dataset_for, model_from_config
+
+    images = load_splits("synthetic2d", root=None, splits=("test",))["test"].images[:3, 0].numpy().copy()
+    images[:, 0, 0], images[:, 0, 1] = 0, 255  # the full range, as MedMNIST images span it
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"img{i}.png")
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    cfg = config_from_dict([("ckpt", ckpt["config"])])
+    model = model_from_config(cfg, dataset_for(cfg))
+    model.load_state_dict(ckpt["model"])
+    expected = predict_scores(model, Split(torch.from_numpy(images[:, None]), torch.zeros(3, dtype=torch.long)),
+                              batch_size=8, device="cpu")
+    out = tmp_path / "png.csv"
+    assert predict.main([*args, "--input", *(str(tmp_path / f"img{i}.png") for i in range(3)), "--out", str(out)]) == 0
+    got = np.array([[float(r[f"prob_{c}"]) for c in range(3)] for r in read_csv(out)])
+    np.testing.assert_allclose(got, expected, atol=1e-6)

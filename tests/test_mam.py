@@ -377,7 +377,8 @@ def test_train_and_predict_end_to_end(tmp_path, config, extra):
     assert predict.main(args) == 0
     result = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
     assert result["n_samples"] == 60
-    assert result["per_checkpoint"] == [{"auc": result["auc"], "acc": result["acc"]}]  # one checkpoint: best.pt
+    (only,) = result["per_checkpoint"]  # one checkpoint: best.pt
+    assert (only["auc"], only["acc"]) == (result["auc"], result["acc"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     for key, value in zip(extra[::2], extra[1::2]):  # the run is the model asked for
         assert str(saved[key.split(".")[1]]) == value, key

@@ -651,7 +651,7 @@ def test_aggregate_writes_markdown_and_csv(tmp_path):
 # the shipped grids
 # ----------------------------------------------------------------------------------------------------------
 
-EXPECTED_RUNS = {"table2": 6 * 12 * 3, "table4": 2 * 3 * 3, "table5": 2 * 3 * 3, "table6": 2 * 3 * 3,
+EXPECTED_RUNS = {"table2": 6 * 14 * 3, "table4": 2 * 3 * 3, "table5": 2 * 3 * 3, "table6": 2 * 3 * 3,
                  "table7": 6 * 7 * 3, "table8": 2 * 2 * 16 * 3, "table9": 2 * 2 * 3 * 3}
 
 

@@ -65,7 +65,7 @@ def test_epoch_loss_is_the_sample_weighted_mean_of_the_batch_losses(monkeypatch)
         seen.append((loss.item(), len(y)))
         return loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", record)
+    monkeypatch.setattr(train, "task_loss", record)
     cfg = _cfg()
     model = Recorder()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_the_epoch_whenever_it_is_checked(monkeypatch, che
         loss = original(logits, y)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", nan_at_second_batch)
+    monkeypatch.setattr(train, "task_loss", nan_at_second_batch)
     model = Recorder()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(train.NonFiniteLoss, match="in epoch 1"):

@@ -3,6 +3,7 @@
     python tools/benchmark.py                                    # LMTTM and TTM at D = M = 64 and 448, CPU
     python tools/benchmark.py --cases lmttm:dim=64,memory_tokens=64 resnet18_3d:width=16 --iters 3
     python tools/benchmark.py --baselines --baseline-width 16    # add the six ResNets (narrow: a quick look)
+    python tools/benchmark.py --medmamba --iters 3               # MedMamba-3D and MedMambaSE-3D
     python tools/benchmark.py --device all --json bench.json     # CPU, then CUDA when available
 
 A case is a registered model name plus keyword arguments of its config dataclass
@@ -75,6 +76,7 @@ from model import MODELS, build_model, count_parameters, get_model_entry  # noqa
 
 IN_CHANNELS = 1
 NUM_CLASSES = 2
+MEDMAMBA = ["medmamba3d", "medmambase3d"]
 BASELINES = ["resnet18_2.5d", "resnet18_3d", "resnet18_acs", "resnet50_2.5d", "resnet50_3d", "resnet50_acs"]
 DEFAULT_CASES = ["lmttm:dim=64,memory_tokens=64", "ttm:dim=64,memory_tokens=64",
                  "lmttm:dim=448,memory_tokens=448", "ttm:dim=448,memory_tokens=448"]
@@ -231,7 +233,7 @@ def run_case(spec: dict) -> dict:
 
     model = build_model(name, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, input_size=size, **kwargs).to(device)
     params = count_parameters(model)
-    shape = (IN_CHANNELS, size, size, size)
+    shape = (IN_CHANNELS,) + (size,) * get_model_entry(name).dims  # a volume, or an image for a 2-D model
 
     # FLOPs on a batch of 2 (BatchNorm needs more than one value per channel in training mode). The
     # evaluation forward is counted with gradients enabled: under no_grad, eval-mode transformer layers take
@@ -379,6 +381,8 @@ def main(argv=None) -> int:
                              "(values parsed as JSON, else strings); default: LMTTM and TTM at D = M = 64 and 448")
     parser.add_argument("--baselines", action="store_true",
                         help="add the six ResNet baselines (2.5D, 3D, ACS; ResNet-18 and -50) at --baseline-width")
+    parser.add_argument("--medmamba", action="store_true",
+                        help="add MedMamba-3D and MedMambaSE-3D (model/medmamba.py) at their default sizes")
     parser.add_argument("--baseline-width", type=int, default=64,
                         help="width of the --baselines ResNets (default 64, the MedMNIST baseline; a full-width "
                              "ResNet-18 training step takes ~20 s on a 2-core CPU, so narrow widths such as 8 or 16 "
@@ -411,9 +415,11 @@ def main(argv=None) -> int:
         if value is not None and value < (0 if option == "warmup" else 1):
             parser.error(f"--{option.replace('_', '-')} must be positive")
     try:
-        cases = [parse_case(c) for c in (args.cases or ([] if args.baselines else DEFAULT_CASES))]
+        cases = [parse_case(c) for c in (args.cases or ([] if args.baselines or args.medmamba else DEFAULT_CASES))]
         if args.baselines:
             cases += [parse_case(f"{name}:width={args.baseline_width}") for name in BASELINES]
+        if args.medmamba:
+            cases += [parse_case(name) for name in MEDMAMBA]
     except (KeyError, ValueError) as exc:
         parser.error(str(exc.args[0] if isinstance(exc, KeyError) else exc))
     original = None
