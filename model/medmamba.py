@@ -119,16 +119,23 @@ class SSND(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class SSConvSSM(nn.Module):
+class _SplitBlock(nn.Module):
+    """What both blocks share: the SSM half's LayerNorm, SS2D/SS3D and stochastic depth."""
+
+    def __init__(self, dim: int, dims: int, d_state: int, drop_path: float, scan: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim // 2)
+        self.ssm = SSND(dim // 2, dims=dims, d_state=d_state, scan=scan)
+        self.drop_path = DropPath(drop_path)
+
+
+class SSConvSSM(_SplitBlock):
     """MedMamba's block: conv half and SSM half, concatenated, channel-shuffled, plus the input."""
 
     def __init__(self, dim: int, *, dims: int = 2, d_state: int = 16, drop_path: float = 0.0, scan: str = "auto"):
-        super().__init__()
+        super().__init__(dim, dims, d_state, drop_path, scan)
         half = dim // 2
         Conv, BN = _conv(dims), _bn(dims)
-        self.norm = nn.LayerNorm(half)
-        self.ssm = SSND(half, dims=dims, d_state=d_state, scan=scan)
-        self.drop_path = DropPath(drop_path)
         self.conv = nn.Sequential(BN(half), Conv(half, half, 3, padding=1), BN(half), nn.ReLU(),
                                   Conv(half, half, 3, padding=1), BN(half), nn.ReLU(), Conv(half, half, 1), nn.ReLU())
 
@@ -140,17 +147,14 @@ class SSConvSSM(nn.Module):
         return y + x
 
 
-class ConvSSMSE(nn.Module):
+class ConvSSMSE(_SplitBlock):
     """MedMambaSE's block: SSM half with its own residual, conv half, SE gate, 1x1 convolution, plus the input."""
 
     def __init__(self, dim: int, *, dims: int = 2, d_state: int = 16, drop_path: float = 0.0, scan: str = "auto",
                  reduction: int = 16):
-        super().__init__()
+        super().__init__(dim, dims, d_state, drop_path, scan)
         half = dim // 2
         Conv, BN = _conv(dims), _bn(dims)
-        self.norm = nn.LayerNorm(half)
-        self.ssm = SSND(half, dims=dims, d_state=d_state, scan=scan)
-        self.drop_path = DropPath(drop_path)
         self.conv = nn.Sequential(Conv(half, half, 3, padding=1), BN(half), nn.ReLU(),
                                   Conv(half, half, 3, padding=1), BN(half), nn.ReLU(), Conv(half, half, 1))
         hidden = max(1, dim // reduction)

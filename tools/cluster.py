@@ -193,12 +193,7 @@ def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None,
     for i, run in enumerate(runs, 1):
         run_dir = runs_dir / run.name
         tag = f"[{i}/{len(runs)}] {run.name}"
-        mismatch = sweep.run_mismatches(run_dir, run, extra)
-        if mismatch:
-            reason = "existing run directory has other settings (" + "; ".join(mismatch) + \
-                     "); delete it or sweep into another --out"
-            log(f"{tag}: FAILED: {reason}")
-            result.failed.append((run.name, reason, None))
+        if sweep.refused_for_settings(run, run_dir, extra, tag, result, log):
             continue
         if sweep.is_finished(run_dir):
             result.skipped.append(run.name)

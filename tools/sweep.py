@@ -649,6 +649,17 @@ def _run_steps(run_dir: Path, train_cmd: list, predict_cmd: list, need_train: bo
     return None
 
 
+def refused_for_settings(run: Run, run_dir: Path, extra: Optional[dict], tag: str, result: "SweepResult", log) -> bool:
+    """True (a failure logged and recorded) when the run's directory was made with other settings."""
+    mismatch = run_mismatches(run_dir, run, extra)
+    if mismatch:
+        reason = "existing run directory has other settings (" + "; ".join(mismatch) + \
+                 "); delete it or sweep into another --out"
+        log(f"{tag}: FAILED: {reason}")
+        result.failed.append((run.name, reason, None))
+    return bool(mismatch)
+
+
 def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, max_runs: Optional[int] = None,
               dry_run: bool = False, runner: Runner = subprocess_runner, python: str = sys.executable,
               cwd: Path = REPO_ROOT, log=print, jobs: int = 1, devices: Optional[list] = None,
@@ -669,12 +680,7 @@ def run_sweep(runs: list[Run], runs_dir: Path, *, extra: Optional[dict] = None, 
     for i, run in enumerate(runs, 1):
         run_dir = runs_dir / run.name
         tag = f"[{i}/{total}] {run.name}"
-        mismatch = run_mismatches(run_dir, run, extra)
-        if mismatch:
-            reason = "existing run directory has other settings (" + "; ".join(mismatch) + \
-                     "); delete it or sweep into another --out"
-            log(f"{tag}: FAILED: {reason}")
-            result.failed.append((run.name, reason, None))
+        if refused_for_settings(run, run_dir, extra, tag, result, log):
             continue
         if is_finished(run_dir):
             result.skipped.append(run.name)
