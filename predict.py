@@ -47,7 +47,6 @@ from engine.protocols import original_mean, original_protocol_scores
 from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 from model.classical import is_classical
-from model.registry import get_model_entry
 
 ESTIMATOR_NAME = "model.joblib"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
 
@@ -133,6 +132,17 @@ def check_same_task(cfg, info, ckpt: dict, path: Path) -> None:
                               f"classes) but the config names {info.name} ({info.size_text}, {info.num_classes} classes)")
 
 
+def load_trained_model(cfg, info, path: Path):
+    """(model, its training config, epoch) of a checkpoint of `info`'s task, rebuilt from the checkpoint's own
+    config and loaded on the CPU."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    check_same_task(cfg, info, ckpt, path)
+    trained_cfg = config_from_dict([(str(path), ckpt["config"])])
+    model = model_from_config(trained_cfg, info)
+    load_weights(model, ckpt, path)
+    return model, trained_cfg, ckpt.get("epoch")
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
@@ -155,17 +165,10 @@ def _predict_inputs(args, cfg, device, info) -> int:
         raise ConfigError(f"--input scores your own files with one checkpoint; it excludes {', '.join(given)}")
     if is_classical(cfg.model):
         raise ConfigError(f"--input needs a neural-network checkpoint; {cfg.model_name} is a scikit-learn baseline")
-    path = args.checkpoint or cfg.run_dir / "best.pt"
-    ckpt = load_checkpoint(path, map_location="cpu")
-    check_same_task(cfg, info, ckpt, path)
-    trained_cfg = config_from_dict([(str(path), ckpt["config"])])
-    model = model_from_config(trained_cfg, info)
-    load_weights(model, ckpt, path)
-    del ckpt
+    model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or cfg.run_dir / "best.pt")
     full = uses_full_batches(trained_cfg.model)
     try:
         return predict_inputs(args.input, model=model.to(device), info=info,
-                              dims=get_model_entry(trained_cfg.model_name).dims,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
                               amp=trained_cfg.train.amp, full_batches=full,
                               window=tuple(args.window) if args.window else None,
@@ -192,17 +195,11 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     results = []
     shuffle = torch.Generator().manual_seed(args.protocol_seed)  # --protocol original: one loader, reshuffled per checkpoint
     for path, expected_epoch in checkpoints:  # one checkpoint in memory at a time, loaded on the CPU
-        ckpt = load_checkpoint(path, map_location="cpu")
-        check_same_task(cfg, info, ckpt, path)
-        if expected_epoch is not None and ckpt.get("epoch") != expected_epoch:
-            raise CheckpointError(f"{path} holds epoch {ckpt.get('epoch')}, not epoch {expected_epoch}: it is not "
+        model, trained_cfg, epoch = load_trained_model(cfg, info, path)
+        if expected_epoch is not None and epoch != expected_epoch:
+            raise CheckpointError(f"{path} holds epoch {epoch}, not epoch {expected_epoch}: it is not "
                                   f"a checkpoint of this run's last epochs")
-        trained_cfg = config_from_dict([(str(path), ckpt["config"])])  # rebuild from the checkpoint's own config
-        model = model_from_config(trained_cfg, info)
-        load_weights(model, ckpt, path)
         model.to(device)
-        epoch = ckpt["epoch"]
-        del ckpt
         if args.protocol == "original":  # the original code's evaluation, reproduced for comparison only
             torch.manual_seed(args.protocol_seed)
             scored_labels, scores = original_protocol_scores(model, split, batch_size=trained_cfg.train.batch_size,

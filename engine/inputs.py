@@ -172,27 +172,18 @@ def preprocess(array: np.ndarray, *, dims: int, size: int, in_channels: int = 1,
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
 
 
-def _scores(model, images: np.ndarray, *, task: str, batch_size: int, device, amp: bool, full_batches: bool):
-    """Probabilities (N, K): the engine's own scoring of a split (softmax; sigmoid for multi-label tasks)."""
-    from data.loading import Split
-    from engine.evaluate import predict_scores
-
-    split = Split(torch.from_numpy(images), torch.zeros(len(images), dtype=torch.long))
-    if task.startswith("multi-label"):
-        model.eval()
-        with torch.no_grad():
-            return torch.cat([torch.sigmoid(model(split.images[i:i + batch_size].to(device).float() / 255).float()).cpu()
-                              for i in range(0, len(split), batch_size)]).numpy()
-    return predict_scores(model, split, batch_size=batch_size, device=device, amp=amp, desc="scoring",
-                          full_batches=full_batches)
-
-
-def predict_inputs(paths, *, model, info, dims: int, batch_size: int, device, amp: bool = False,
+def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = False,
                    full_batches: bool = False, window=None, out: Path, save_preprocessed: Path | None = None) -> int:
-    """Score every input file with `model` and write the CSV `out`; returns the exit code (1 if a file failed)."""
+    """Score every input file with `model` (trained on `info`'s dataset, whose `dims` the files must have) and
+    write the CSV `out`; returns the exit code (1 if a file failed). The scores are the engine's own
+    (`predict_scores`: softmax, or per-label sigmoid for a multi-label task)."""
     from tqdm import tqdm
 
+    from data.loading import Split
+    from engine.evaluate import predict_scores
     from engine.rundir import atomic_write_bytes
+
+    dims = info.dims
 
     if window is not None and not window[1] > window[0]:
         raise ValueError(f"--window {window[0]} {window[1]}: the high end must be above the low end")
@@ -206,8 +197,12 @@ def predict_inputs(paths, *, model, info, dims: int, batch_size: int, device, am
         except InputError as err:
             item.error = str(err)
     good = [item for item in items if item.error is None]
-    scores = (_scores(model, np.stack([item.image for item in good]), task=info.task, batch_size=batch_size,
-                      device=device, amp=amp, full_batches=full_batches) if good else None)
+    scores = None
+    if good:  # placeholder labels of the task's shape ((N,) or (N, L)) select the engine's softmax or sigmoid
+        images = torch.from_numpy(np.stack([item.image for item in good]))
+        labels = torch.zeros((len(good), info.num_classes) if info.is_multilabel else len(good), dtype=torch.long)
+        scores = predict_scores(model, Split(images, labels), batch_size=batch_size, device=device, amp=amp,
+                                desc="scoring", full_batches=full_batches)
     if save_preprocessed is not None and good:
         save_preprocessed.mkdir(parents=True, exist_ok=True)
         for i, item in enumerate(items):
@@ -216,7 +211,7 @@ def predict_inputs(paths, *, model, info, dims: int, batch_size: int, device, am
                         item.image.astype(np.float32) / 255)
 
     k = info.num_classes
-    multilabel = info.task.startswith("multi-label")
+    multilabel = info.is_multilabel
     header = ["path", "label", "label_name", *[f"prob_{c}" for c in range(k)], "error"]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
