@@ -219,3 +219,31 @@ def test_png_images_with_a_2d_model_score_as_the_engine_scores_them(tmp_path):
     assert predict.main([*args, "--input", *(str(tmp_path / f"img{i}.png") for i in range(3)), "--out", str(out)]) == 0
     got = np.array([[float(r[f"prob_{c}"]) for c in range(3)] for r in read_csv(out)])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_a_multilabel_checkpoint_gives_per_label_sigmoid_probabilities(tmp_path):
+    """ChestMNIST-format (14 labels): the CSV holds predict.py's sigmoid scores of the same images."""
+    from test_data2d import write_fake_2d
+
+    path = write_fake_2d(tmp_path / "data", "chestmnist")
+    with np.load(path) as f:
+        arrays = dict(f)
+    for key in ("train_images", "val_images", "test_images"):
+        arrays[key][:, 0, 0], arrays[key][:, 0, 1] = 0, 255  # every image spans 0..255
+    np.savez_compressed(path, **arrays)
+    args = ["medmamba/medmamba_t_pathmnist.json", "--data.name", "chestmnist", "--data.root", str(tmp_path / "data"),
+            "--model.depths", "[1, 1]", "--model.widths", "[8, 16]", "--train.epochs", "1", "--train.batch_size", "16",
+            "--output.plots", "false", "--output.dir", str(tmp_path), "--output.name", "run"]
+    with pytest.warns(UserWarning):
+        assert train.main(args) == 0
+    assert predict.main(args) == 0
+    with np.load(tmp_path / "run" / "eval" / "test" / "predictions.npz") as f:
+        scores = f["y_score"]
+    for i in range(2):
+        Image.fromarray(arrays["test_images"][i]).save(tmp_path / f"x{i}.png")
+    out = tmp_path / "ml.csv"
+    assert predict.main([*args, "--input", str(tmp_path / "x0.png"), str(tmp_path / "x1.png"), "--out", str(out)]) == 0
+    rows = read_csv(out)
+    got = np.array([[float(r[f"prob_{c}"]) for c in range(14)] for r in rows])
+    np.testing.assert_allclose(got, scores[:2], atol=1e-6)
+    assert rows[0]["label"] == ";".join(str(c) for c in range(14) if scores[0, c] > 0.5)
