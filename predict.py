@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from data import DataError, check_split
-from data.info import dims_of
+from data.info import dims_of, size_text
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
@@ -127,7 +127,7 @@ def check_same_task(cfg, info, ckpt: dict, path: Path) -> None:
     """Refuse a checkpoint trained on another dataset, size or class count than the config names."""
     trained = ckpt["dataset"]
     if (trained["name"], trained["size"]) != (info.name, info.size) or trained["num_classes"] != info.num_classes:
-        shape = f"{trained['size']}{'³' if dims_of(trained['name']) == 3 else '²'}"
+        shape = size_text(trained["size"], dims_of(trained["name"]))
         raise CheckpointError(f"{path} was trained on {trained['name']} ({shape}, {trained['num_classes']} "
                               f"classes) but the config names {info.name} ({info.size_text}, {info.num_classes} classes)")
 

@@ -41,6 +41,7 @@ MEDMNIST_2D_NAMES: tuple[str, ...] = (
 )
 SYNTHETIC_NAME = "synthetic3d"
 SYNTHETIC_2D_NAME = "synthetic2d"
+SYNTHETIC_NAMES: tuple[str, ...] = (SYNTHETIC_NAME, SYNTHETIC_2D_NAME)
 DATASET_NAMES: tuple[str, ...] = (*MEDMNIST_3D_NAMES, SYNTHETIC_NAME, *MEDMNIST_2D_NAMES, SYNTHETIC_2D_NAME)
 
 SIZES: tuple[int, ...] = (28, 64)
@@ -66,6 +67,11 @@ SYNTHETIC_2D_LABEL_NAMES: dict[str, str] = {
 def dims_of(name: str) -> int:
     """2 for the 2D datasets (images), 3 for the 3D ones (volumes)."""
     return 2 if name in MEDMNIST_2D_NAMES or name == SYNTHETIC_2D_NAME else 3
+
+
+def size_text(size: int, dims: int) -> str:
+    """28³ for a volume side, 28² for an image side."""
+    return f"{size}{'³' if dims == 3 else '²'}"
 
 
 class DataError(Exception):
@@ -96,7 +102,7 @@ class DatasetInfo:
     @property
     def is_synthetic(self) -> bool:
         """True for the built-in datasets that are generated in memory."""
-        return self.name in (SYNTHETIC_NAME, SYNTHETIC_2D_NAME)
+        return self.name in SYNTHETIC_NAMES
 
     @property
     def is_multilabel(self) -> bool:
@@ -106,7 +112,7 @@ class DatasetInfo:
     @property
     def size_text(self) -> str:
         """28³ for a volume, 28² for an image."""
-        return f"{self.size}{'³' if self.dims == 3 else '²'}"
+        return size_text(self.size, self.dims)
 
     @property
     def filename(self) -> str | None:
@@ -176,7 +182,7 @@ def dataset_info(name: str, *, size: int = 28, root: str | Path | None = None) -
         raise DataError(f"Unsupported {what} size {size!r} for {name} ({dims}-D): choose one of "
                         f"{', '.join(map(str, sizes))}.")
 
-    if name in (SYNTHETIC_NAME, SYNTHETIC_2D_NAME):
+    if name in SYNTHETIC_NAMES:
         labels = SYNTHETIC_LABEL_NAMES if dims == 3 else SYNTHETIC_2D_LABEL_NAMES
         return DatasetInfo(
             name=name,

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from medmnist.info import INFO
 from sklearn.metrics import roc_auc_score
 
+from helpers import write_fake_2d
+
 import predict
 import train
 from data import DataError, dataset_info, load_splits
@@ -24,25 +26,6 @@ from engine.evaluate import official_metrics, task_loss
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model.depths", "[1, 1]", "--model.widths", "[8, 16]", "--train.epochs", "1", "--train.batch_size", "16",
         "--output.plots", "false"]
-
-
-def write_fake_2d(root: Path, name: str, size: int = 28, n=(24, 12, 12), seed=0) -> Path:
-    """A MedMNIST-format 2D .npz: images (N, S, S) grey or (N, S, S, 3) RGB, labels (N, 1) or (N, L) multi-label."""
-    info = dataset_info(name, size=size, root=root)
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        shape = (count, size, size) + ((3,) if info.in_channels == 3 else ())
-        arrays[f"{split}_images"] = rng.integers(0, 256, size=shape, dtype=np.uint8)
-        if info.is_multilabel:
-            labels = rng.integers(0, 2, size=(count, info.num_classes))
-            labels[0], labels[1] = 0, 1  # every label present and absent
-        else:
-            labels = rng.permutation(np.arange(count) % info.num_classes).reshape(count, 1)
-        arrays[f"{split}_labels"] = labels.astype(np.uint8)
-    root.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(info.path, **arrays)
-    return info.path
 
 
 @pytest.mark.parametrize("name", MEDMNIST_2D_NAMES)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import write_fake_medmnist
+from helpers import write_fake_2d, write_fake_medmnist
 
 import predict
 import train
@@ -223,8 +223,6 @@ def test_png_images_with_a_2d_model_score_as_the_engine_scores_them(tmp_path):
 
 def test_a_multilabel_checkpoint_gives_per_label_sigmoid_probabilities(tmp_path):
     """ChestMNIST-format (14 labels): the CSV holds predict.py's sigmoid scores of the same images."""
-    from test_data2d import write_fake_2d
-
     path = write_fake_2d(tmp_path / "data", "chestmnist")
     with np.load(path) as f:
         arrays = dict(f)

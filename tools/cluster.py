@@ -32,7 +32,6 @@ submitit is optional: local sweeps never import it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -48,7 +47,6 @@ if __package__ in (None, ""):
 from engine.rundir import atomic_write_json  # noqa: E402
 from tools import sweep  # noqa: E402
 
-LAUNCHERS = ("local", "slurm", "submitit-local")
 JOB_FILE = "job.json"  # the submission: launcher, job id, submitit's log files (written by the submitter)
 STATE_FILE = "job_state.json"  # queued / running / requeued / done / failed (written by the job)
 
@@ -81,16 +79,11 @@ def write_state(run_dir: Path, state: str, **fields) -> None:
                       Path(run_dir) / STATE_FILE)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def read_state(run_dir: Path) -> dict:
-    """The job's state (job_state.json) with the submission record (job.json: job id, log files)."""
-    return {**_read_json(Path(run_dir) / JOB_FILE), **_read_json(Path(run_dir) / STATE_FILE)}
+    """The job's state (job_state.json) with the submission record (job.json: job id, log files); a missing or
+    unreadable file counts as empty."""
+    records = [sweep._read_json(Path(run_dir) / name) for name in (JOB_FILE, STATE_FILE)]
+    return {key: value for record in records if isinstance(record, dict) for key, value in record.items()}
 
 
 class RunJob:
@@ -198,9 +191,10 @@ def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None,
         if sweep.is_finished(run_dir):
             result.skipped.append(run.name)
             continue
-        state = read_state(run_dir).get("state")
+        record = read_state(run_dir)
+        state = record.get("state")
         if state in ("queued", "running", "requeued") and not resubmit:
-            log(f"{tag}: already {state} as job {read_state(run_dir).get('job_id')}, not submitted again "
+            log(f"{tag}: already {state} as job {record.get('job_id')}, not submitted again "
                 f"(--resubmit if that job is gone)")
             result.not_started.append(run.name)
             continue
@@ -243,7 +237,8 @@ def status_lines(runs, runs_dir: Path) -> list[str]:
         record = read_state(run_dir)
         state = record.get("state")
         job = f" (job {record['job_id']})" if record.get("job_id") else ""
-        if sweep.is_finished(run_dir):
+        on_disk = sweep.run_state(run_dir)
+        if on_disk == "finished":
             text = "finished"
         elif state == "failed":
             text = f"failed{job}: {record.get('reason', '?')}; log: {record.get('log', run_dir / 'sweep.log')}"
@@ -251,15 +246,16 @@ def status_lines(runs, runs_dir: Path) -> list[str]:
             text = f"running{job} on {record.get('node', '?')} since {record.get('updated', '?')}"
         elif state in ("queued", "requeued"):
             text = f"{state}{job}"
-        elif sweep.train_finished(run_dir):
+        elif on_disk == "trained":
             text = "trained, not evaluated"
         else:
-            text = "started" if run_dir.exists() else "new"
+            text = on_disk  # started or new
         if state == "running" or (text == "started" and (run_dir / "last.pt").exists()):
             try:
                 import torch
 
-                epoch = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"]
+                # memory-mapped: the epoch number without reading the weights and optimizer state
+                epoch = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True, mmap=True)["epoch"]
                 text += f", epoch {epoch} done"
             except Exception:  # noqa: BLE001 - a status line never fails on an unreadable checkpoint
                 pass

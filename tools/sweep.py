@@ -95,6 +95,7 @@ if __package__ in (None, ""):  # run as a script: the repository root, for tools
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LAUNCHERS = ("local", "slurm", "submitit-local")  # --launcher; all but local are tools/cluster.py's
 CONFIG_DIR = REPO_ROOT / "config"
 DEFAULT_SEEDS = [0, 1, 2]
 
@@ -390,7 +391,7 @@ def runs_dir_of(grid: dict, out: Optional[str] = None) -> Path:
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
         return None
 
 
@@ -402,6 +403,13 @@ def train_finished(run_dir: Path) -> bool:
 def is_finished(run_dir: Path, split: str = "test") -> bool:
     """Training finished and the split was evaluated."""
     return train_finished(run_dir) and (Path(run_dir) / "eval" / split / "metrics.json").is_file()
+
+
+def run_state(run_dir: Path) -> str:
+    """What the run directory holds: "finished" (trained and evaluated), "trained", "started" or "new"."""
+    run_dir = Path(run_dir)
+    return ("finished" if is_finished(run_dir) else "trained" if train_finished(run_dir) else
+            "started" if run_dir.exists() else "new")
 
 
 def _same(a, b) -> bool:
@@ -915,7 +923,7 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
                         help="each run's state read from the run directories (queued, running, finished, failed "
                              "with its log), for sweeps on a cluster; runs nothing")
     cluster_args = parser.add_argument_group("cluster (tools/cluster.py; needs submitit)")
-    cluster_args.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+    cluster_args.add_argument("--launcher", choices=LAUNCHERS, default="local",
                               help="local (default): run here; slurm: one SLURM job per unfinished run, as a job "
                                    "array; submitit-local: the same jobs on this machine through submitit")
     cluster_args.add_argument("--partition", help="SLURM partition")
@@ -961,10 +969,7 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
         return _launch_on_cluster(args, runs, runs_dir, extra, grid)
     if args.list:
         for run in runs:
-            d = runs_dir / run.name
-            state = "finished" if is_finished(d) else "trained" if train_finished(d) else \
-                "started" if d.exists() else "new"
-            print(f"{state:9s} {run.name}")
+            print(f"{run_state(runs_dir / run.name):9s} {run.name}")
         return 0
     print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}")
     if args.jobs > 1:
