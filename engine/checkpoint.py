@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from data.info import dims_of, size_text
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the config."""
@@ -124,10 +126,12 @@ def _trained_with(ckpt: dict) -> str:
     model = dict(ckpt.get("config", {}).get("model", {})) if isinstance(ckpt.get("config"), Mapping) else {}
     name = model.pop("name", "?")
     sizes = ", ".join(f"{k}={model[k]}" for k in ("dim", "memory_tokens", "blocks", "read_tokens", "patch_size",
-                                                   "depth_patch_size", "stem", "processor", "pos_embedding", "width")
-                      if k in model)
+                                                   "depth_patch_size", "stem", "processor", "pos_embedding", "width",
+                                                   "depths", "widths")
+                      if k in model and model[k] is not None)
     data = ckpt.get("dataset", {}) if isinstance(ckpt.get("dataset"), Mapping) else {}
-    on = (f" on {data.get('name')} ({data.get('size')}³, {data.get('num_classes')} classes)" if data else "")
+    shape = size_text(data.get("size"), dims_of(str(data.get("name"))))  # 28³ for a volume, 28² for an image
+    on = (f" on {data.get('name')} ({shape}, {data.get('num_classes')} classes)" if data else "")
     return f"model {name}" + (f" ({sizes})" if sizes else "") + on
 
 

@@ -245,6 +245,20 @@ def predict_error(path: Path, capsys) -> str:
     return cli_error(predict.main, ["demo.json", "--checkpoint", str(path), "--output.dir", str(path.parent)], capsys)
 
 
+def test_load_weights_describes_a_2d_checkpoint_with_its_image_size():
+    """A MedMamba checkpoint of a 2-D dataset is described as trained on 28² images, with its stage sizes."""
+    def medmamba(widths):
+        return build_model("medmamba_t", in_channels=3, num_classes=9, input_size=28, depths=[1, 1], widths=widths)
+
+    ckpt = {"model": medmamba([8, 16]).state_dict(), "epoch": 1,
+            "config": {"model": {"name": "medmamba_t", "depths": [1, 1], "widths": [8, 16], "patch_size": None}},
+            "dataset": {"name": "pathmnist", "size": 28, "num_classes": 9, "task": "multi-class", "md5": None}}
+    with pytest.raises(CheckpointError) as err:
+        load_weights(medmamba([4, 8]), ckpt, Path("run/best.pt"))
+    assert "It was trained with model medmamba_t (depths=[1, 1], widths=[8, 16]) on pathmnist (28², 9 classes)" \
+        in str(err.value)
+
+
 def test_random_bytes_checkpoint(tmp_path, capsys):
     path = tmp_path / "random.pt"
     path.write_bytes(np.random.default_rng(0).bytes(5000))
