@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine.checkpoint import load_checkpoint
+from engine.rundir import atomic_save
 from submitit.core.job_environment import JobEnvironment
 from tools import cluster, sweep
 
@@ -96,12 +97,14 @@ def test_status_reads_the_run_directories(tmp_path, capsys):
         run_dir.mkdir(parents=True)
         (run_dir / "job.json").write_text(json.dumps({"job_id": "123_4"}))
         cluster.write_state(run_dir, state, **extra)
+    atomic_save({"epoch": 5, "model": {"w": torch.ones(64, 64)}}, running / "last.pt")  # a checkpoint, as train.py writes
     assert sweep.main([str(grid), "--out", str(out), "--status"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{runs[0].name}: finished"
     assert lines[1].startswith(f"{runs[1].name}: failed (job 123_4): train.py exited with status 2; log: ")
     assert lines[1].endswith(str(failed / "sweep.log"))
     assert lines[2] == f"{runs[2].name}: queued (job 123_4)" and "running (job 123_4) on gpu17" in lines[3]
+    assert lines[3].endswith(", epoch 5 done")
 
 
 class FakeJob:
