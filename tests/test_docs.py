@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC_DIR = REPO / "docs" / "spec"
 SPEC_NAMES = ("LMTTM", "MEDMAMBA", "MAM")
 TEXT_SUFFIXES = {".py", ".md", ".json", ".txt", ".ini", ".cfg", ".toml", ".yaml", ".yml", ".sh"}
-SKIP_DIRS = {".git", ".venv", "venv", "runs", "data_cache", "__pycache__", ".pytest_cache"}
+SKIP_DIRS = {".git", ".venv", "venv", "runs", "sweeps", "results", ".whl", ".gl", "__pycache__", ".pytest_cache"}
 # written in pieces so that this file does not contain them itself
 DEV_PATHS = ("/wo" + "rk/", "../sha" + "red", "shared/" + "design")
 DEV_PATHS_TESTS = ("/wo" + "rk/", "shared/" + "design")  # tests may say that they do not use ../shared
