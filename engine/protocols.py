@@ -1,4 +1,4 @@
-"""The original LMTTM code's evaluation protocol, reproduced so that its effect can be measured (spec §9.5-6).
+"""The original LMTTM code's evaluation protocol, reproduced so that its effect can be measured (docs/spec/LMTTM.md §9.5-6).
 
 This is NOT how this project scores a model (that is the MedMNIST protocol: the full split in dataset
 order, `engine.evaluate`). It exists for `predict.py --protocol original`, which prints both, so a reader

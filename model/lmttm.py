@@ -1,5 +1,5 @@
 """LMTTM: Linked Memory Token Turing Machine (Wei et al., Computer Methods and Programs in Biomedicine
-262 (2025) 108640; reference code github.com/hongkai-wei/LMTTM-VMI), as specified in spec §3.
+262 (2025) 108640; reference code github.com/hongkai-wei/LMTTM-VMI), as specified in docs/spec/LMTTM.md §3.
 
 The memory (B, M, D) is split into k linked blocks of m = M / k tokens. At step t the pointer p = t mod k
 names the current block; its neighbours are the past (p - 1) and future (p + 1) blocks (mod k):
@@ -28,7 +28,8 @@ from model.token_turing import TokenTuringMachine, TTMConfig
 class LMTTMConfig(TTMConfig):
     blocks: int = field(default=4, metadata={"min": 1, "help": "linked memory blocks k (M must be divisible by k)"})
     compat_global_pointer: Optional[bool] = field(default=None, metadata={
-        "help": "original: the block pointer lives on the module and is never reset (§9.3); null = official_compat"})
+        "help": "original: the block pointer lives on the module and is never reset (docs/spec/LMTTM.md §9.3); "
+                "null = official_compat"})
 
     def __post_init__(self):
         super().__post_init__()

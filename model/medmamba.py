@@ -1,6 +1,6 @@
 """MedMamba (Yue & Li, arXiv 2403.03849) and MedMambaSE, in 2D and in 3D, in pure PyTorch.
 
-Spec: ../shared/design/MEDMAMBA.md (built from that description; no code of the originals is used). Both models
+Spec: docs/spec/MEDMAMBA.md (built from that description; no code of the originals is used). Both models
 are a VSSM backbone: a patch embedding, stages of blocks with patch merging between them, global average pooling
 and a linear head. The blocks:
 

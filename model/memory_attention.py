@@ -1,4 +1,4 @@
-"""Memory-Attention (MAM, shared/design/MAM.md): self-attention whose queries carry a running memory.
+"""Memory-Attention (MAM, docs/spec/MAM.md): self-attention whose queries carry a running memory.
 
 For the l-th attention layer of a chain, with projected queries Q_l (per head, before the 1/sqrt(d) scale):
 

@@ -1,4 +1,4 @@
-"""Memory noise (paper Table 7, spec §8): `rate` × a draw of the chosen distribution, from torch's RNG.
+"""Memory noise (paper Table 7, docs/spec/LMTTM.md §8): `rate` × a draw of the chosen distribution, from torch's RNG.
 
 | mode      | draw                          | mean of the added term at rate 0.2 |
 |-----------|-------------------------------|------------------------------------|

@@ -1,4 +1,4 @@
-"""Processors (the paper's MAFA unit, spec §5): read tokens (B, R, D) -> output tokens (B, R, D).
+"""Processors (the paper's MAFA unit, docs/spec/LMTTM.md §5): read tokens (B, R, D) -> output tokens (B, R, D).
 
 Each processor runs one block `repeats` times with the same weights, as the original code does.
 """

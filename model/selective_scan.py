@@ -1,7 +1,7 @@
 """The selective scan of Mamba (S6) in pure PyTorch, with the semantics of `mamba_ssm`'s `selective_scan_fn`,
 and the cross-scan / cross-merge token orders of SS2D (K = 4) and its 3D extension SS3D (K = 6).
 
-Spec: ../shared/design/MEDMAMBA.md §4-5. For every batch b, direction k, channel c, time t and state n:
+Spec: docs/spec/MEDMAMBA.md §4-5. For every batch b, direction k, channel c, time t and state n:
 
     Δ      = softplus(delta + delta_bias)          (softplus only when `delta_softplus`)
     h_t    = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t,   h_{-1} = 0

@@ -1,4 +1,4 @@
-"""Stems: a volume (B, C, S, S, S) -> per-step input tokens (B, T, n, D) (spec §1).
+"""Stems: a volume (B, C, S, S, S) -> per-step input tokens (B, T, n, D) (docs/spec/LMTTM.md §1).
 
 Axis 2 of the input (the depth axis of a MedMNIST volume) becomes time: with the default patch of 3 a
 28³ volume gives T = 9 steps of n = 9 × 9 = 81 tokens, each token a 3 × 3 × 3 patch (the 28th slice, row

@@ -1,6 +1,6 @@
 """Token summariser S_R (TokenLearner style): N tokens -> R tokens; used for every read and write.
 
-Spec §2 (`shared/design/LMTTM.md`), after Ryoo et al., "TokenLearner" (2021) as used by the LMTTM code:
+Spec: docs/spec/LMTTM.md §2, after Ryoo et al., "TokenLearner" (2021) as used by the LMTTM code:
 
     Xn     = LayerNorm(X)                              (B, N, D)
     logits = W2 · GELU(W1 · Xn)                        (B, N, R)   W1: D->D, W2: D->R, no biases

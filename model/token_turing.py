@@ -1,5 +1,5 @@
 """What TTM and LMTTM share: the config, the stem, the processor, positional embeddings, memory noise,
-the classification head and the `official_compat` carried state (spec §1, §5-§9).
+the classification head and the `official_compat` carried state (docs/spec/LMTTM.md §1, §5-§9).
 
 The two models differ only in how they read from and write to memory (`ttm.py`, `lmttm.py`).
 """
@@ -41,19 +41,19 @@ class TTMConfig:
     noise: str = field(default="normal", metadata={"choices": list(NOISE_MODES), "help": "memory noise mode (paper Table 7)"})
     noise_rate: float = field(default=0.2, metadata={"min": 0.0, "help": "memory noise rate"})
     official_compat: bool = field(default=False, metadata={
-        "help": "preset: the original code's behaviour (spec §9.1-5): every compat_* option left null follows it "
+        "help": "preset: the original code's behaviour (docs/spec/LMTTM.md §9.1-5): every compat_* option left null follows it "
                 "(compat_batch_attention only with the transformer processor); training drops the last partial "
                 "batch and evaluation runs full batches at the training batch size"})
     compat_batch_attention: Optional[bool] = field(default=None, metadata={
-        "help": "original defect: samples of a batch attend to each other in the transformer (§9.1); "
+        "help": "original defect: samples of a batch attend to each other in the transformer (docs/spec/LMTTM.md §9.1); "
                 "null = official_compat (off for mlp and mixer, which have no attention); true needs the "
                 "transformer processor"})
     compat_random_pos: Optional[bool] = field(default=None, metadata={
-        "help": "original: fresh N(0, 0.02²) positional embeddings on every call, not learned (§9.2); "
+        "help": "original: fresh N(0, 0.02²) positional embeddings on every call, not learned (docs/spec/LMTTM.md §9.2); "
                 "null = official_compat"})
     compat_carry_memory: Optional[bool] = field(default=None, metadata={
         "help": "original: memory carried (detached) from batch to batch and saved, noise at the end of every "
-                "forward in training and evaluation, frozen gamma draw (§9.4); null = official_compat"})
+                "forward in training and evaluation, frozen gamma draw (docs/spec/LMTTM.md §9.4); null = official_compat"})
 
     def __post_init__(self):
         # compat_* options: null follows official_compat; an explicit value that contradicts the preset is an

@@ -1,4 +1,4 @@
-"""TTM: Token Turing Machine baseline (Ryoo et al., CVPR 2023), as the LMTTM code runs it (spec §4).
+"""TTM: Token Turing Machine baseline (Ryoo et al., CVPR 2023), as the LMTTM code runs it (docs/spec/LMTTM.md §4).
 
 Per step t, with memory M (B, M, D) and input tokens I_t (B, n, D):
     read   Z_t = S_r([M ‖ I_t] + pos_read)              (M + n -> r tokens)

@@ -1,6 +1,6 @@
 """A 3D Vision Transformer classifier with Memory-Attention (MAM): the registered model `vit_mam`.
 
-Spec shared/design/MAM.md §3.2-3 (our adaptation; the original MAM is segmentation only):
+Spec docs/spec/MAM.md §3.2-3 (our adaptation; the original MAM is segmentation only):
 
     patch embedding Conv3d k = s = `patch`     28³ -> 7³ = 343 tokens, 64³ -> 16³ (patch 4)
     + learned positional embedding (N(0, 0.02²)), dropout

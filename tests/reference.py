@@ -1,4 +1,4 @@
-"""A hand-written reference of TTM and LMTTM (spec `shared/design/LMTTM.md` §1-§6, §8, §9.1/§9.3/§9.4).
+"""A hand-written reference of TTM and LMTTM (spec `docs/spec/LMTTM.md` §1-§6, §8, §9.1/§9.3/§9.4).
 
 It shares no code with `model/`: it reads the model's weights from `model.state_dict()` by key and
 recomputes the forward pass with plain tensor operations (its own LayerNorm, GELU, softmax, attention,

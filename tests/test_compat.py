@@ -1,4 +1,4 @@
-"""`official_compat` as the original ran it: full batches (spec §9.5), and settings that contradict it.
+"""`official_compat` as the original ran it: full batches (docs/spec/LMTTM.md §9.5), and settings that contradict it.
 
 The original dropped the last partial batch everywhere and ran every batch at the configured batch size.
 Here evaluation of a batch-dependent model runs at a fixed batch size with the last batch padded by the

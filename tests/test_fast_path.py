@@ -1,5 +1,5 @@
 """The fast forward (`forward_cached`, the default) computes the same function as the step-by-step
-`forward_plain` of spec §3/§4 (`fast_path = False`): same logits (1e-5) and same gradients, for LMTTM and
+`forward_plain` of docs/spec/LMTTM.md §3/§4 (`fast_path = False`): same logits (1e-5) and same gradients, for LMTTM and
 TTM, every processor, positional embeddings learned and none, the compat options, training (dropout 0, no
 noise) and evaluation. Its levers: inputs' summariser terms of all steps at once, per-block read terms and
 per-slot write terms cached until the block is written (LMTTM), the last write skipped unless the memory is

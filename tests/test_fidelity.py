@@ -1,4 +1,4 @@
-"""The model's maths against an independent, hand-written reference (tests/reference.py, spec §1-§6, §8, §9).
+"""The model's maths against an independent, hand-written reference (tests/reference.py, docs/spec/LMTTM.md §1-§6, §8, §9).
 
 Every test builds a tiny model, makes its weights non-trivial (random biases, LayerNorm / BatchNorm
 parameters and positional embeddings, so that every term of the forward pass matters), and compares its

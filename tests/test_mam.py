@@ -1,4 +1,4 @@
-"""Memory-Attention (MAM, shared/design/MAM.md): the layer against hand-written attention, STS vs ISTS, the
+"""Memory-Attention (MAM, docs/spec/MAM.md): the layer against hand-written attention, STS vs ISTS, the
 LMTTM/TTM processor `transformer_mam`, the 3D ViT `vit_mam`, and both end to end through train.py/predict.py."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ torch.manual_seed(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# parameter counts (spec §2-§4, measured from the original code)
+# parameter counts (docs/spec/MEDMAMBA.md §2-§4, measured from the original code)
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, exact, paper", [("medmamba_t", 14_457_222, 14.46), ("medmamba_s", 18_625_158, 18.63),

@@ -1,5 +1,5 @@
 """LMTTM and TTM (model/lmttm.py, model/ttm.py and their shared parts), checked against the spec
-(shared/design/LMTTM.md): shapes, the linked-memory block schedule, token counts, the shared-input fast
+(docs/spec/LMTTM.md): shapes, the linked-memory block schedule, token counts, the shared-input fast
 read, parameter counts, gradients, determinism and batch independence (and the official_compat options
 that break them), memory noise statistics, config validation and device/batch-size independence.
 

@@ -1,5 +1,5 @@
 """model/selective_scan.py against the textbook per-step selective scan (written here, independently, one
-channel-direction-time step at a time in the notation of MEDMAMBA.md §4.5), values and gradients; and the
+channel-direction-time step at a time in the notation of docs/spec/MEDMAMBA.md §4.5), values and gradients; and the
 cross-scan / cross-merge token orders of 2D (K = 4) and 3D (K = 6)."""
 
 import itertools

@@ -6,7 +6,7 @@
 * chunked: the GPU form (chunked parallel scan, same custom backward);
 * mamba_ssm: the CUDA kernel, when importable on CUDA.
 
-    python tools/bench_scan.py                          # B=32, K=6, d=96, L=343, N=16 on CPU (spec §5)
+    python tools/bench_scan.py                          # B=32, K=6, d=96, L=343, N=16 on CPU (docs/spec/MEDMAMBA.md §5)
     python tools/bench_scan.py --device cuda --reps 10
     python tools/bench_scan.py --batch 4 --reps 3 --threads 2
 

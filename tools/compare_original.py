@@ -16,7 +16,7 @@ Cases (each for LMTTM and TTM):
   random positional embeddings), in eval and in train mode, every noise mode, the transformer and the mlp
   processor. Compared: logits, the carried memory and the block pointer after every batch.
 * `default`: ours with its defaults against the original with exactly the documented departures
-  (spec §9) switched on in it: per-sample attention (its layer's `batch_first` set), our learned positional
+  (docs/spec/LMTTM.md §9) switched on in it: per-sample attention (its layer's `batch_first` set), our learned positional
   embeddings in place of its fresh draws, memory and pointer reset before every batch, no noise reaching
   the logits. Equal logits here show the default differs from the original only by those departures.
 

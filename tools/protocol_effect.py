@@ -7,7 +7,7 @@ RUN_DIR is a run directory trained with `--train.keep_last_k K` (K >= k). Printe
 * MedMNIST protocol (this project's default): best.pt (best validation AUC), the full split in dataset order;
 * the paper's "mean over the last k epochs", honestly: each of the last k epoch checkpoints on the full split
   in order, mean divided by k (`predict.py --last-k k`);
-* the original code's protocol (spec §9.5-6, `engine/protocols.py`): the same k checkpoints, each scored on a
+* the original code's protocol (docs/spec/LMTTM.md §9.5-6, `engine/protocols.py`): the same k checkpoints, each scored on a
   shuffled loader that drops the last partial batch, with the checkpoint's carried memory/pointer flowing through
   the batches, and the sum divided by k - 1. Repeated with `--repeats` shuffles (seeds 0..R-1) to show its spread.
 

@@ -4,7 +4,7 @@
     python tools/sweep.py experiments/table8.json --dry-run             # print the commands only
     python tools/sweep.py experiments/table8.json --list                # runs and their state
     python tools/sweep.py experiments/table2.json --only adrenalmnist3d --max-runs 4
-    python tools/sweep.py experiments/table4.json --override data.root=../shared/data/medmnist
+    python tools/sweep.py experiments/table4.json --override data.root=~/.medmnist
     python tools/sweep.py experiments/table8.json --jobs 8 --devices cuda:0,cuda:1   # 8 runs at once, 4 per GPU
     python tools/sweep.py experiments/table2.json --launcher slurm --partition gpu --gpus-per-run 1  # tools/cluster.py
     python tools/sweep.py experiments/table2.json --status             # each run's state, from the run directories
