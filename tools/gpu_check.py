@@ -44,7 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CARRIED = ["medmnist", "nibabel", "einops", "tqdm"]  # pure-Python wheels, versions from requirement.txt
+# pure-Python wheels, versions from requirement.txt (submitit: tests/test_sweep_cluster.py imports it)
+CARRIED = ["medmnist", "nibabel", "einops", "tqdm", "submitit"]
 DATA_FILES = ["adrenalmnist3d.npz"]
 CARRY_LIMIT_MIB = 64  # the working tree and the carried paths together
 # module -> distribution; the project imports these (tests/test_gpu_check.py checks the list against the code)
@@ -55,8 +56,9 @@ OPTIONAL = {"matplotlib": "matplotlib", "tensorboard": "tensorboard", "submitit"
 # every torch attribute the project relies on that is not plain tensor arithmetic, and keyword arguments
 TORCH_APIS = ["compile", "autocast", "utils.flop_counter.FlopCounterMode", "nn.functional.scaled_dot_product_attention",
               "random.fork_rng", "cuda.get_rng_state_all", "cuda.set_rng_state", "backends.cuda.matmul.allow_tf32",
-              "backends.cudnn.allow_tf32", "use_deterministic_algorithms", "is_deterministic_algorithms_warn_only_enabled",
-              "nn.TransformerEncoderLayer", "nn.init.trunc_normal_", "distributed.run", "autograd.function.once_differentiable"]
+              "backends.cudnn.allow_tf32", "use_deterministic_algorithms",
+              "is_deterministic_algorithms_warn_only_enabled", "nn.TransformerEncoderLayer", "nn.init.trunc_normal_",
+              "distributed.run", "autograd.function.once_differentiable"]
 TORCH_KWARGS = {"load": ["weights_only", "mmap", "map_location"], "use_deterministic_algorithms": ["warn_only"],
                 "compile": ["mode", "backend"], "random.fork_rng": ["devices"]}
 STAGES = ["setup", "tests", "bench", "cells", "evaluate"]
@@ -154,6 +156,8 @@ def build_carry(carry: Path, data_root: Path, wheels: bool) -> int:
     for folder in (wheel_dir, data_dir):
         folder.mkdir(parents=True, exist_ok=True)
     if wheels:
+        for old in wheel_dir.glob("*.whl"):  # one version of each: two stop the install there
+            old.unlink()
         pins = pinned_versions()
         specs = [f"{name}=={pins[name]}" for name in CARRIED]
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -261,7 +265,7 @@ class Check:
         self.args, self.rehearse = args, args.rehearse
         self.device = "cpu" if args.rehearse else args.device
         self.work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
-        self.out = Path(args.out or (self.work / "out")).resolve()
+        self.out = Path(args.out or os.environ.get("OUT") or (self.work / "out")).resolve()
         self.collect_dir = self.work / "collect"
         for folder in (self.out, self.collect_dir):
             folder.mkdir(parents=True, exist_ok=True)
@@ -324,7 +328,7 @@ class Check:
     def stage_tests(self, deadline: float) -> str:
         xml = self.collect_dir / "tests.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "device", "--device", self.device, "-p", "no:cacheprovider",
-               "--junitxml", str(xml), "-o", "junit_family=xunit2"]
+               "--continue-on-collection-errors", "--junitxml", str(xml), "-o", "junit_family=xunit2"]
         if self.args.tests_k:
             cmd += ["-k", self.args.tests_k]
         code = run_until(cmd, self.log("tests"), deadline, self.env)
@@ -333,7 +337,9 @@ class Check:
 
     def stage_bench(self, deadline: float) -> str:
         groups = REHEARSAL_BENCH if self.rehearse else BENCH_GROUPS
-        sizes = ["--batch-size", "4", "--warmup", "1", "--iters", "1"] if self.rehearse else ["--warmup", "3", "--iters", "20"]
+        sizes = ["--warmup", "3", "--iters", "20"]
+        if self.rehearse:
+            sizes = ["--batch-size", "4", "--warmup", "1", "--iters", "1"]
         bench, results = self.collect_dir / "bench", {}
         bench.mkdir(exist_ok=True)
         for label, cases, precision, mode in groups:
@@ -503,7 +509,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", metavar="PATH", help="with --build-carry: the folder of adrenalmnist3d.npz")
     parser.add_argument("--no-wheels", action="store_true", help="with --build-carry: the data only (no download)")
     parser.add_argument("--carry", metavar="DIR", help="the carry built by --build-carry (wheels/, data/)")
-    parser.add_argument("--out", metavar="DIR", help="where report.json, summary.md, gpu_check.tar.gz go ($OUT)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where report.json, summary.md, gpu_check.tar.gz go (default: $OUT if set)")
     parser.add_argument("--work", metavar="DIR", help="working folder (default: a new temporary one)")
     parser.add_argument("--device", default="cuda", help="device of the tests, benchmark and cells (default cuda)")
     parser.add_argument("--rehearse", action="store_true", help="the same stages on the CPU at tiny sizes")
