@@ -11,12 +11,13 @@ of everything it started), recorded as `timeout`, and the next one still runs:
 
 * setup: what is importable before and after installing the carried wheels offline (`pip install --no-index
   --no-deps --target`; pure-Python wheels only), the torch APIs the project uses, the GPU;
-* tests: `pytest -m device --device cuda` (tests/test_device.py: end to end, exact resume, AMP, compile, compat,
-  scan forms, RNG);
 * bench: tools/benchmark.py, one call per group (LMTTM / TTM at D = M = 64 and 448; fp32, TF32, bf16; eager and
-  compiled), most important first, so a timeout loses the last groups only;
+  compiled), most important first, so a timeout loses the last groups only; alone on the GPU;
 * cells: the paper-size AdrenalMNIST3D cells of experiments/table2.json (LMTTM and TTM, D = M = 448, 100 epochs,
   Adam 1e-4, batch 32), all seeds at once on the one GPU (`tools/sweep.py --jobs`), keeping the last k epochs;
+  they train in the background until their deadline (which leaves the evaluation its time) while
+* tests: `pytest -m device --device cuda` (tests/test_device.py: end to end, exact resume, AMP, compile, compat,
+  scan forms, RNG) runs;
 * evaluate: predict.py on best.pt of every run (finished or stopped) and `--last-k k` where k epochs exist;
 * collect (after every stage, so a killed call still leaves files): `$OUT/report.json`, `$OUT/summary.md` and
   `$OUT/gpu_check.tar.gz` (logs, the tests' JUnit XML, benchmark tables and JSON, and of each run `metrics.csv`,
@@ -61,8 +62,8 @@ TORCH_APIS = ["compile", "autocast", "utils.flop_counter.FlopCounterMode", "nn.f
               "distributed.run", "autograd.function.once_differentiable"]
 TORCH_KWARGS = {"load": ["weights_only", "mmap", "map_location"], "use_deterministic_algorithms": ["warn_only"],
                 "compile": ["mode", "backend"], "random.fork_rng": ["devices"]}
-STAGES = ["setup", "tests", "bench", "cells", "evaluate"]
-BUDGET = {"setup": 40, "tests": 110, "bench": 130, "cells": 220, "evaluate": 30}
+STAGES = ["setup", "bench", "cells", "tests", "evaluate"]  # the cells train in the background during the tests
+BUDGET = {"setup": 40, "bench": 150, "cells": 310, "tests": 110, "evaluate": 30}
 COLLECT_RESERVE_S = 10
 GRACE_S = 20  # after SIGTERM (train.py saves nothing half-written and exits 143), before SIGKILL
 D64, D448 = "dim=64,memory_tokens=64", "dim=448,memory_tokens=448"
@@ -120,21 +121,31 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_until(cmd: list[str], log: Path, deadline: float, env: dict | None = None) -> int | str:
-    """Run `cmd` in the repository with output appended to `log`; its exit code, or "timeout" when the
-    monotonic `deadline` came first (it is then stopped)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+class Job:
+    """`cmd` started now in the repository, in a session of its own, its output appended to `log`."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.out = log.open("a")
+        self.out.write(f"$ {' '.join(cmd)}\n")
+        self.out.flush()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.out, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait_until(self, deadline: float) -> int | str:
+        """Its exit code, or "timeout" when the monotonic `deadline` came first (it is then stopped)."""
         try:
-            return proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            stop(proc)
-            out.write(f"\n[gpu_check] stopped at its deadline\n")
-            return "timeout"
+            stop(self.proc)
+            self.out.write("\n[gpu_check] stopped at its deadline\n")
+            code = "timeout"
+        self.out.close()
+        return code
+
+
+def run_until(cmd: list[str], log: Path, deadline: float, env: dict | None = None) -> int | str:
+    return Job(cmd, log, env).wait_until(deadline)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,6 +284,7 @@ class Check:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
         self.start = time.monotonic()
         self.end = self.start + args.total
+        self.cells = None  # (job, deadline, start) while the cells train in the background
         self.report = {"device": self.device, "rehearse": self.rehearse, "stages": {}, "work": str(self.work)}
 
     def log(self, name: str) -> Path:
@@ -280,9 +292,13 @@ class Check:
 
     def run(self) -> int:
         budget = {**BUDGET, **dict(self.args.budget)}
-        for name in self.args.stages:
-            deadline = min(time.monotonic() + budget[name], self.end - COLLECT_RESERVE_S)
+        for name in sorted(self.args.stages, key=STAGES.index):
+            if name == "evaluate":
+                self.finish_cells()
             t0 = time.monotonic()
+            deadline = min(t0 + budget[name], self.end - COLLECT_RESERVE_S)
+            if name == "cells" and "evaluate" in self.args.stages:  # leave the evaluation its time
+                deadline = min(deadline, self.end - COLLECT_RESERVE_S - budget["evaluate"])
             print(f"[gpu_check] {name} (deadline {deadline - t0:.0f} s) ...", flush=True)
             try:
                 status = getattr(self, f"stage_{name}")(deadline) if deadline > t0 else "skipped: no time left"
@@ -291,6 +307,7 @@ class Check:
             self.report["stages"][name] = {"status": status, "seconds": round(time.monotonic() - t0, 1)}
             print(f"[gpu_check] {name}: {status} ({time.monotonic() - t0:.0f} s)", flush=True)
             self.collect()
+        self.finish_cells()
         self.report["total_seconds"] = round(time.monotonic() - self.start, 1)
         self.collect()
         print((self.out / "summary.md").read_text())
@@ -375,8 +392,19 @@ class Check:
         overrides = [f"data.root={self.data_root()}", "data.download=false", "output.plots=false",
                      f"train.keep_last_k={self.args.last_k}"] + (REHEARSAL_CELLS if self.rehearse else [])
         cmd += [arg for item in overrides for arg in ("--override", item)]
-        code = run_until(cmd, self.log("cells"), deadline, self.env)
-        return "ok" if code == 0 else "timeout" if code == "timeout" else f"exit {code}"
+        self.cells = (Job(cmd, self.log("cells"), self.env), deadline, time.monotonic())
+        return "running (while the tests run)"
+
+    def finish_cells(self) -> None:
+        """Wait for the cells started in the background (until their deadline) and record how they ended."""
+        if self.cells is None:
+            return
+        job, deadline, t0 = self.cells
+        code, self.cells = job.wait_until(deadline), None
+        status = "ok" if code == 0 else "timeout" if code == "timeout" else f"exit {code}"
+        self.report["stages"]["cells"] = {"status": status, "seconds": round(time.monotonic() - t0, 1)}
+        print(f"[gpu_check] cells: {status} ({time.monotonic() - t0:.0f} s)", flush=True)
+        self.collect()
 
     def stage_evaluate(self, deadline: float) -> str:
         """best.pt of every run that has one (a stopped run too) and --last-k where k epochs were done."""
