@@ -393,6 +393,19 @@ def table(rows: list[dict], device: str, show_original: bool, show_compile: bool
     return lines
 
 
+def add_numerics_options(parser: argparse.ArgumentParser) -> None:
+    """--compile [MODE], --compile-backend, --precision."""
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="wrap our model in torch.compile (MODE: default, reduce-overhead, max-autotune; "
+                             "default if omitted); the first call's time is shown")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; eager: dynamo's capture only, a quick check)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                        help="fp32 (default), tf32 (TF32 matrix products and convolutions, as train.tf32) or bf16 "
+                             "(bfloat16 autocast, as train.amp); tf32 changes nothing on the CPU")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Parameters, training / evaluation samples/s, peak memory and GFLOP of registered models "
@@ -424,15 +437,7 @@ def main(argv=None) -> int:
                         help="a checkout of github.com/hongkai-wei/LMTTM-VMI: time the original LMTTM/TTM side by side "
                              "on the CPU (same process, batch, size and threads; repetitions interleaved) and "
                              "print the ratio")
-    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
-                        choices=["default", "reduce-overhead", "max-autotune"],
-                        help="wrap our model in torch.compile (MODE: default, reduce-overhead, max-autotune; "
-                             "default if omitted); the first call's time is shown")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend (default inductor; eager: dynamo's capture only, a quick check)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
-                        help="fp32 (default), tf32 (TF32 matrix products and convolutions, as train.tf32) or bf16 "
-                             "(bfloat16 autocast, as train.amp); tf32 changes nothing on the CPU")
+    add_numerics_options(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     args = parser.parse_args(argv)
