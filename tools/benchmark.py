@@ -38,6 +38,8 @@ batch as its train.py does (`load_memory_tokens`, detached), in training and eva
 defaults. Repetitions alternate ours / original (A, B, A, B, ...) so that a busy CPU slows both alike, and
 the table shows medians and the ratio ours / original. `--compile` wraps our model in `torch.compile`
 (the original stays eager); the first call's time (compilation included) is shown beside the gain.
+`--compile reduce-overhead` (CUDA graphs) and `max-autotune` choose another mode. `--precision tf32` sets
+train.tf32's flags, `--precision bf16` runs the forwards under bfloat16 autocast as train.amp does.
 
 Measured side by side on a 2-core CPU shared with other jobs (1 torch thread: with 2 threads on a busy
 machine the threads spin against each other; the figures are medians of interleaved repetitions and the
@@ -72,6 +74,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from engine.setup import apply_tf32  # noqa: E402
 from model import MODELS, build_model, count_parameters, get_model_entry  # noqa: E402
 
 IN_CHANNELS = 1
@@ -217,6 +220,19 @@ def _trainer(forward, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return train_step, eval_step
 
 
+def _with_precision(forward, precision: str, device: torch.device):
+    """`bf16`: the forward under bfloat16 autocast, as train.amp (logits returned in float32); else unchanged
+    (`tf32` is a global flag, set by run_case)."""
+    if precision != "bf16":
+        return forward
+
+    def autocast_forward(x):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return forward(x).float()
+
+    return autocast_forward
+
+
 def run_case(spec: dict) -> dict:
     """Measure one case on one device; `spec` is the JSON the parent passes with `--case`."""
     device = torch.device(spec["device"])
@@ -255,16 +271,21 @@ def run_case(spec: dict) -> dict:
 
     x = torch.rand(batch, *shape, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    forward = torch.compile(model) if spec.get("compile") else model
-    ours = _trainer(forward, model, x, y)
+    precision, mode = spec.get("precision") or "fp32", spec.get("compile")
+    apply_tf32(precision == "tf32")
+    forward = model
+    if mode:
+        forward = torch.compile(model, mode=None if mode in (True, "default") else mode,
+                                backend=spec.get("compile_backend") or "inductor")
+    ours = _trainer(_with_precision(forward, precision, device), model, x, y)
     original = None
     if spec.get("original"):
         from tools.original import load_original
         net = load_original(spec["original"], seed=0, **original_kwargs(name, kwargs, batch, size)).to(device)
-        original = _trainer(net.step, net, x, y)  # memory carried from call to call, as its train.py
+        original = _trainer(_with_precision(net.step, precision, device), net, x, y)  # memory carried, as its train.py
 
     row = {"model": name, "kwargs": kwargs, "device": device.type, "batch_size": batch, "size": size,
-           "threads": torch.get_num_threads(), "parameters": params, "compile": bool(spec.get("compile"))}
+           "threads": torch.get_num_threads(), "parameters": params, "compile": mode or False, "precision": precision}
     for i, mode in enumerate(("train", "eval")):
         steps = [ours[i]] + ([original[i]] if original else [])
         medians, first, used_warmup, used_iters = _timed(steps, device, warmup, iters)
@@ -313,6 +334,9 @@ def device_header(device: str, threads: int, args) -> list[str]:
         busy = load > 0.75 * (os.cpu_count() or 1)
         lines.append(f"- load average (1 min) before the run: {load:.1f}"
                      + (" (the CPU is busy with other work: throughputs are low and noisy)" if busy else ""))
+    if args.precision != "fp32" or args.compile:
+        lines.append(f"- precision {args.precision}" + (f", torch.compile mode {args.compile}, backend "
+                                                        f"{args.compile_backend}" if args.compile else ""))
     return lines + [
         f"- batch size {args.batch_size}, input {IN_CHANNELS}×{args.size}³, {NUM_CLASSES} classes, Adam, "
         f"cross-entropy; medians of the timed iterations after warm-up (counts in the table)"]
@@ -369,6 +393,19 @@ def table(rows: list[dict], device: str, show_original: bool, show_compile: bool
     return lines
 
 
+def add_numerics_options(parser: argparse.ArgumentParser) -> None:
+    """--compile [MODE], --compile-backend, --precision."""
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune"],
+                        help="wrap our model in torch.compile (MODE: default, reduce-overhead, max-autotune; "
+                             "default if omitted); the first call's time is shown")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; eager: dynamo's capture only, a quick check)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"],
+                        help="fp32 (default), tf32 (TF32 matrix products and convolutions, as train.tf32) or bf16 "
+                             "(bfloat16 autocast, as train.amp); tf32 changes nothing on the CPU")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Parameters, training / evaluation samples/s, peak memory and GFLOP of registered models "
@@ -400,8 +437,7 @@ def main(argv=None) -> int:
                         help="a checkout of github.com/hongkai-wei/LMTTM-VMI: time the original LMTTM/TTM side by side "
                              "on the CPU (same process, batch, size and threads; repetitions interleaved) and "
                              "print the ratio")
-    parser.add_argument("--compile", action="store_true",
-                        help="wrap our model in torch.compile (default mode); the first call's time is shown")
+    add_numerics_options(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     args = parser.parse_args(argv)
@@ -453,7 +489,8 @@ def main(argv=None) -> int:
         for name, kwargs in cases:
             spec = {"name": name, "kwargs": kwargs, "device": device, "batch_size": args.batch_size,
                     "size": args.size, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
-                    "compile": args.compile, "original": original if name in ORIGINAL_MODELS and device == "cpu" else None}
+                    "compile": args.compile, "precision": args.precision, "compile_backend": args.compile_backend,
+                    "original": original if name in ORIGINAL_MODELS and device == "cpu" else None}
             print(f"  running {name} ({case_label(name, kwargs)}) ...", file=sys.stderr, flush=True)
             row = run_subprocess(spec)
             failed |= "error" in row
