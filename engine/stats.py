@@ -247,7 +247,7 @@ def compare_scores(y_true, score_a, score_b, task: str | None = None, n_resample
 def combine(results: list, alpha: float = 0.05) -> dict:
     """Summary of per-seed comparisons: mean and std (ddof 1) over seeds of each delta, and how many seeds
     have the delta positive / significant (p < alpha)."""
-    out = {"seeds": len(results), "alpha": alpha}
+    out = {"n_pairs": len(results), "alpha": alpha}
     for key in ("auc", "acc"):
         deltas = np.array([r[f"delta_{key}"] for r in results], dtype=np.float64)
         pvalues = [r[f"p_value_{key}"] for r in results]
