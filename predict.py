@@ -15,8 +15,8 @@ y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored t
 `medmnist.Evaluator.parse_and_evaluate`), and roc.png, confusion.png, reliability.png (output.plots; the
 expected calibration error is in metrics.json, beside `auc_ci` / `acc_ci`: stratified bootstrap intervals,
 eval.ci_resamples and eval.ci_level, of the mean with --last-k). `--protocol original` reproduces the
-original code's evaluation instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
-it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
+original code's evaluation instead (engine/protocols.py), clearly labelled, into
+`eval/<split>[-last<k>]-original-protocol/metrics.json`; it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
 user's own files instead (engine/inputs.py). A run that train.py is training is refused. Exit codes: 0 done,
 1 some --input file could not be scored, 2 bad config, data, checkpoint or output folder, 130 Ctrl-C,
 143 SIGTERM.

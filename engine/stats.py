@@ -220,8 +220,8 @@ def compare_scores(y_true, score_a, score_b, task: str | None = None, n_resample
         auc, acc = bootstrap_metrics(y_true, [score_a, score_b], task, n_resamples, seed)
         boot_auc, boot_acc = auc[0] - auc[1], acc[0] - acc[1]
     if task == BINARY:
-        positives, scores = _columns(y_true, score_a, task)[0][0], [_columns(y_true, s, task)[1][0] for s in (score_a, score_b)]
-        test = delong_test(positives, scores[0], scores[1], level)
+        positive = _columns(y_true, score_a, task)[0][0]
+        test = delong_test(positive, *(_columns(y_true, s, task)[1][0] for s in (score_a, score_b)), level=level)
         out.update(delta_auc_ci=test["ci"], p_value_auc=test["p_value"])
         auc_method = "DeLong"
     elif boot_auc is None:

@@ -147,16 +147,17 @@ def test_predict_writes_intervals_and_of_the_last_k_mean(tmp_path, capsys):
     import train
     from test_engine import tiny
 
-    assert train.main(["demo.json", *tiny(tmp_path, "--train.keep_last_k", "2", "--output.plots", "false", epochs=2)]) == 0
-    assert predict.main(["demo.json", *tiny(tmp_path, "--output.plots", "false"), "--eval.ci_resamples", "400"]) == 0
+    quiet = tiny(tmp_path, "--output.plots", "false")
+    assert train.main(["demo.json", *quiet, "--train.keep_last_k", "2"]) == 0
+    assert predict.main(["demo.json", *quiet, "--eval.ci_resamples", "400"]) == 0
     assert "(95% bootstrap intervals)" in capsys.readouterr().out
     result = json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())
     assert result["auc_ci"][0] <= result["auc"] <= result["auc_ci"][1]
     assert result["acc_ci"][0] <= result["acc"] <= result["acc_ci"][1] and result["ci"]["resamples"] == 400
-    assert predict.main(["demo.json", *tiny(tmp_path, "--output.plots", "false"), "--last-k", "2", "--eval.ci_resamples", "400"]) == 0
+    assert predict.main(["demo.json", *quiet, "--last-k", "2", "--eval.ci_resamples", "400"]) == 0
     last = json.loads((tmp_path / "run" / "eval" / "test-last2" / "metrics.json").read_text())
     assert last["auc_ci"][0] <= last["auc"] <= last["auc_ci"][1]
     printed = capsys.readouterr().out
     assert f"AUC {last['auc']:.4f} [{last['auc_ci'][0]:.4f}, {last['auc_ci'][1]:.4f}]" in printed
-    assert predict.main(["demo.json", *tiny(tmp_path, "--output.plots", "false"), "--eval.ci_resamples", "0"]) == 0
+    assert predict.main(["demo.json", *quiet, "--eval.ci_resamples", "0"]) == 0
     assert "auc_ci" not in json.loads((tmp_path / "run" / "eval" / "test" / "metrics.json").read_text())

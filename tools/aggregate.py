@@ -397,7 +397,8 @@ def add_statistics(agg: Aggregate, reference: Optional[str] = None, resamples: i
         if ref is None or ref is c or not ref.run_dirs:
             continue
         try:
-            c.stats["ref"] = compare.compare_sides(c.run_dirs, ref.run_dirs, n_resamples=resamples, level=level)["combined"]
+            result = compare.compare_sides(c.run_dirs, ref.run_dirs, n_resamples=resamples, level=level)
+            c.stats["ref"] = result["combined"]
         except (compare.CompareError, ValueError) as err:
             c.stats["ref_error"] = str(err)
 
@@ -411,6 +412,8 @@ def stats_notes(agg: Aggregate) -> list:
     if s["reference"]:
         lines.append(f"- vs {s['reference']}: paired per seed (tools/compare.py: DeLong / McNemar, or paired "
                      f"bootstrap), mean Δ ± std over the seeds both cells have, and the seeds with p < 0.05")
+    lines += [f"- {c.name} not compared with {s['reference']}: {c.stats['ref_error']}" for c in agg.cells
+              if "ref_error" in c.stats]
     return lines
 
 

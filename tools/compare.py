@@ -109,7 +109,8 @@ def check_same_samples(items: list) -> None:
             raise CompareError(f"{where} hold different sample counts ({len(first.y_true)} vs "
                                f"{len(other.y_true)}): not the same samples")
         if first.y_true.shape != other.y_true.shape or not np.array_equal(first.y_true, other.y_true):
-            differ = int(np.sum(first.y_true.reshape(len(first.y_true), -1) != other.y_true.reshape(len(other.y_true), -1)))
+            n = len(first.y_true)
+            differ = int(np.sum(first.y_true.reshape(n, -1) != other.y_true.reshape(n, -1)))
             raise CompareError(f"{where} hold different labels ({differ} differ): not the same samples, or "
                                f"not in the same order")
         if first.y_score.shape != other.y_score.shape:
@@ -178,21 +179,22 @@ def report_text(result: dict, level: float, alpha: float) -> str:
     lines = [f"{result['split']} split, {first['n']} samples, {result['task']}; A - B, {level:.0%} intervals; "
              f"AUC: {first['method']['auc']}, ACC: {first['method']['acc']}"]
     for r in pairs:
+        only = f"  (A only right on {r['discordant'][0]}, B only on {r['discordant'][1]})" if "discordant" in r else ""
         seed = "" if r["seed"] is None else f"seed {r['seed']}: "
         lines += [f"{seed}A = {r['run_a']}  B = {r['run_b']}",
                   f"  AUC {r['auc_a']:.4f} vs {r['auc_b']:.4f}  Δ {r['delta_auc']:+.4f}{_ci(r['delta_auc_ci'])}  "
                   f"p = {_p(r['p_value_auc'])}",
                   f"  ACC {r['acc_a']:.4f} vs {r['acc_b']:.4f}  Δ {r['delta_acc']:+.4f}{_ci(r['delta_acc_ci'])}  "
                   f"p = {_p(r['p_value_acc'])}"
-                  + (f"  (A only right on {r['discordant'][0]}, B only on {r['discordant'][1]})" if "discordant" in r else "")]
+                  + only]
     c = result["combined"]
     if len(pairs) > 1:
         lines.append(f"combined over {len(pairs)} pairs of runs:")
         for key in ("auc", "acc"):
-            std = c[f"delta_{key}_std"]
+            std, n = c[f"delta_{key}_std"], len(pairs)
             lines.append(f"  Δ{key.upper()} mean {c[f'delta_{key}_mean']:+.4f} ± "
                          f"{'n/a' if std is None else f'{std:.4f}'} (std over pairs); A ahead in "
-                         f"{c[f'{key}_a_better']}/{len(pairs)}, significant (p < {alpha:g}) in {c[f'{key}_significant']}/{len(pairs)}")
+                         f"{c[f'{key}_a_better']}/{n}, significant (p < {alpha:g}) in {c[f'{key}_significant']}/{n}")
     if result["unpaired"]:
         lines.append("unpaired (no run of the same seed on the other side): " + ", ".join(result["unpaired"]))
     if result["last_checkpoint_only"]:
