@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from test_sweep import write_fake_run
 
+from engine import stats
 from tools import aggregate, compare, sweep
 
 Y = np.r_[np.ones(30, int), np.zeros(70, int)][np.random.default_rng(0).permutation(100)]
@@ -83,6 +84,7 @@ def test_seeds_are_paired_and_combined(tmp_path, capsys):
     r = run_json(capsys, tmp_path / "lmttm", tmp_path / "ttm")  # sweep cells
     assert [p["seed"] for p in r["pairs"]] == [0, 1, 2] and r["unpaired"] == [str(tmp_path / "ttm-seed7")]
     c = r["combined"]
+    assert r["n"] == 100 and r["method"]["auc"] == "DeLong" and "delta_auc" not in r
     assert c["n_pairs"] == 3 and c["delta_auc_mean"] == pytest.approx(np.mean(deltas))
     assert c["delta_auc_std"] == pytest.approx(np.std(deltas, ddof=1))
     assert c["auc_significant"] == sum(p["p_value_auc"] < 0.05 for p in r["pairs"])
@@ -113,12 +115,13 @@ def test_aggregate_pooled_ci_and_reference(tmp_path):
             "variants": [{"label": "ttm", "overrides": {"model.name": "ttm"}},
                          {"label": "lmttm", "overrides": {"model.name": "lmttm"}}]}
     runs = tmp_path / "runs"
-    aucs = {}
+    aucs, scores = {}, {}
     for run in sweep.expand(grid):
         write_fake_run(runs / run.name, run.settings)
         p1 = scorer(3.0 if "lmttm" in run.name else 0.3, run.seed)
         write_predictions(runs / run.name, Y, p1)
         aucs[run.name] = roc_auc_score(Y, p1)
+        scores[run.name] = np.stack([1 - p1, p1], 1)
     (tmp_path / "ci.json").write_text(json.dumps(grid))
     out = tmp_path / "tables"
     assert aggregate.main([str(tmp_path / "ci.json"), "--runs", str(runs), "--out", str(out), "--reference", "ttm",
@@ -128,6 +131,10 @@ def test_aggregate_pooled_ci_and_reference(tmp_path):
     lm = rows["adrenalmnist3d-lmttm"]
     mean = np.mean([aucs["adrenalmnist3d-lmttm-seed0"], aucs["adrenalmnist3d-lmttm-seed1"]])
     assert float(lm["auc_ci_low"]) < mean < float(lm["auc_ci_high"])
+    # the wiring: both seeds' predictions, on shared resamples (engine/stats.py is tested in test_stats.py)
+    both = [scores[f"adrenalmnist3d-lmttm-seed{s}"] for s in (0, 1)]
+    expected = stats.confidence_intervals(Y, both, "binary-class", n_resamples=500)
+    assert [float(lm["auc_ci_low"]), float(lm["auc_ci_high"])] == pytest.approx(expected["auc"], abs=1e-6)
     deltas = [aucs[f"adrenalmnist3d-lmttm-seed{s}"] - aucs[f"adrenalmnist3d-ttm-seed{s}"] for s in (0, 1)]
     assert float(lm["ref_delta_auc_mean"]) == pytest.approx(np.mean(deltas), abs=1e-6)
     assert lm["ref_auc_significant"] == "2" and lm["ref_pairs"] == "2"

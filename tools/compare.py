@@ -19,7 +19,7 @@ unnamed and as many on each side); then a combined statement: mean Δ and its st
 pairs, in how many A is ahead and in how many the difference is significant (p < --alpha). Each pair's
 p-value concerns the test-sample noise of that pair of trainings only; the spread over seeds is the
 training noise. `--json` prints delta_auc, delta_auc_ci, p_value_auc, delta_acc, delta_acc_ci, p_value_acc,
-n and method (of the single pair; with several, those of "pairs" and a "combined" summary).
+n and method of the single pair; with several, n, method, each pair's in "pairs" and the "combined" summary.
 --split names the folder under eval/ (`test`, `val`, or e.g. `test-last20`; predictions.npz of a --last-k
 folder holds its last checkpoint's scores only). Exit codes: 0 done, 2 runs that cannot be compared.
 """
@@ -223,7 +223,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        flat = {k: v for k, v in result["pairs"][0].items()} if len(result["pairs"]) == 1 else {}
+        first = result["pairs"][0]
+        flat = dict(first) if len(result["pairs"]) == 1 else {"n": first["n"], "method": first["method"]}
         print(json.dumps({**flat, **result}, indent=2))
     else:
         print(report_text(result, args.level, args.alpha))
