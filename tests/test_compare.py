@@ -89,6 +89,11 @@ def test_seeds_are_paired_and_combined(tmp_path, capsys):
     assert c["delta_auc_std"] == pytest.approx(np.std(deltas, ddof=1))
     assert c["auc_significant"] == sum(p["p_value_auc"] < 0.05 for p in r["pairs"])
     assert run_json(capsys, str(tmp_path / "lmttm-seed*"), str(tmp_path / "ttm-seed[0-2]"))["combined"] == c
+    assert compare.main([str(tmp_path / "lmttm"), str(tmp_path / "ttm")]) == 0
+    text = capsys.readouterr().out
+    assert f"significant (p < 0.05) in {c['auc_significant']}/3" in text and "ttm-seed7" in text
+    assert compare.main([str(tmp_path / "lmttm"), str(tmp_path / "ttm"), "--level", "95"]) == 2
+    assert "--level and --alpha lie between 0 and 1" in capsys.readouterr().err
     assert compare.main([str(tmp_path / "lmttm"), str(tmp_path / "lmttm-seed0")]) == 0  # 3 vs 1: seed 0 paired
     assert "combined" not in capsys.readouterr().out
 
