@@ -16,10 +16,10 @@ y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored t
 expected calibration error is in metrics.json, beside `auc_ci` / `acc_ci`: stratified bootstrap intervals,
 eval.ci_resamples and eval.ci_level, of the mean with --last-k). `--protocol original` reproduces the
 original code's evaluation instead (engine/protocols.py), clearly labelled, into
-`eval/<split>[-last<k>]-original-protocol/metrics.json`; it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
-user's own files instead (engine/inputs.py). A run that train.py is training is refused. Exit codes: 0 done,
-1 some --input file could not be scored, 2 bad config, data, checkpoint or output folder, 130 Ctrl-C,
-143 SIGTERM.
+`eval/<split>[-last<k>]-original-protocol/metrics.json`; it exists to measure that protocol's effect
+(REPRODUCTION.md), not to report results. `--input` scores the user's own files instead (engine/inputs.py).
+A run that train.py is training is refused. Exit codes: 0 done, 1 some --input file could not be scored,
+2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -231,6 +231,7 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
     (MedMNIST files), predictions.npz (of the last entry), metrics.json (AUC/ACC and the expected calibration
     error: means over the entries) and, with output.plots, roc.png, confusion.png and reliability.png of the
     last entry's scores (engine/plots.py)."""
+    ci = intervals(cfg, info, labels, results)  # before anything is written
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -256,7 +257,6 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
                "epochs": [r[1] for r in results],
                "per_checkpoint": [{"auc": r[2], "acc": r[3], "ece": e} for r, e in zip(results, eces)],
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
-    ci = intervals(cfg, info, labels, results)
     if ci is not None:
         metrics.update(auc_ci=ci["auc"], acc_ci=ci["acc"], ci={k: v for k, v in ci.items() if k not in ("auc", "acc")})
     atomic_write_json(metrics, out_dir / "metrics.json")
