@@ -13,12 +13,13 @@ order. Writes `<run dir>/eval/<split>/` (best.pt; `eval/<split>-last<k>/` with -
 named after the checkpoint with --checkpoint, see `eval_folder`): metrics.json, predictions.npz (y_true,
 y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored to the same numbers by
 `medmnist.Evaluator.parse_and_evaluate`), and roc.png, confusion.png, reliability.png (output.plots; the
-expected calibration error is in metrics.json). `--protocol original` reproduces the original code's evaluation
-instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
-it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
-user's own files instead (engine/inputs.py). A run that train.py is training is refused. Exit codes: 0 done,
-1 some --input file could not be scored, 2 bad config, data, checkpoint or output folder, 130 Ctrl-C,
-143 SIGTERM.
+expected calibration error is in metrics.json, beside `auc_ci` / `acc_ci`: stratified bootstrap intervals,
+eval.ci_resamples and eval.ci_level, of the mean with --last-k). `--protocol original` reproduces the
+original code's evaluation instead (engine/protocols.py), clearly labelled, into
+`eval/<split>[-last<k>]-original-protocol/metrics.json`; it exists to measure that protocol's effect
+(REPRODUCTION.md), not to report results. `--input` scores the user's own files instead (engine/inputs.py).
+A run that train.py is training is refused. Exit codes: 0 done, 1 some --input file could not be scored,
+2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from data import DataError, check_split
 from data.info import dims_of, size_text
+from engine import stats
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
 from engine.config import ConfigError, config_from_dict, load_config
 from engine.evaluate import official_metrics, predict_scores, uses_full_batches
@@ -229,6 +231,7 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
     (MedMNIST files), predictions.npz (of the last entry), metrics.json (AUC/ACC and the expected calibration
     error: means over the entries) and, with output.plots, roc.png, confusion.png and reliability.png of the
     last entry's scores (engine/plots.py)."""
+    ci = intervals(cfg, info, labels, results)  # before anything is written
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -254,9 +257,13 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
                "epochs": [r[1] for r in results],
                "per_checkpoint": [{"auc": r[2], "acc": r[3], "ece": e} for r, e in zip(results, eces)],
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
+    if ci is not None:
+        metrics.update(auc_ci=ci["auc"], acc_ci=ci["acc"], ci={k: v for k, v in ci.items() if k not in ("auc", "acc")})
     atomic_write_json(metrics, out_dir / "metrics.json")
-    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}  ACC {acc:.4f}  "
-          f"ECE {metrics['ece']:.4f}")
+    auc_ci, acc_ci = ("", "") if ci is None else (f" [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]",
+                                                  f" [{ci['acc'][0]:.4f}, {ci['acc'][1]:.4f}]")
+    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}{auc_ci}  ACC {acc:.4f}{acc_ci}  "
+          f"ECE {metrics['ece']:.4f}" + ("" if ci is None else f"  ({cfg.eval.ci_level:.0%} bootstrap intervals)"))
     if cfg.output.plots:  # of the scores in predictions.npz (the last checkpoint of --last-k)
         try:
             plot_evaluation(out_dir, labels, scores, info.task, f"{info.name} {split_name} (n = {len(labels)})",
@@ -265,6 +272,20 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
             print(f"note: no roc.png, confusion.png, reliability.png: {err}")
     print(f"wrote {out_dir}")
     return 0
+
+
+def intervals(cfg, info, labels: np.ndarray, results: list) -> dict | None:
+    """Bootstrap intervals (engine/stats.py) of the AUC and ACC of `results` = [(path, epoch, auc, acc,
+    scores)], of their mean over the entries (--last-k) with the same resamples; None with eval.ci_resamples 0.
+    The resampled metrics are checked against the official ones on the unresampled scores first."""
+    if cfg.eval.ci_resamples <= 0:
+        return None
+    for _, _, auc, acc, scores in results:
+        mine = stats.metrics(labels, scores, info.task)
+        if abs(mine[0] - auc) > 1e-9 or abs(mine[1] - acc) > 1e-9:
+            raise RuntimeError(f"engine/stats.py's metrics {mine} differ from the official ({auc}, {acc})")
+    return stats.confidence_intervals(labels, [r[4] for r in results], info.task, n_resamples=cfg.eval.ci_resamples,
+                                      level=cfg.eval.ci_level)
 
 
 def _is_classical_run(args, cfg) -> bool:

@@ -53,7 +53,8 @@ METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
 # keys that may differ between a run and its resumption (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "keep_last_k"), ("data", "root"),
                      ("data", "download"), ("data", "device_cache"), ("eval", "batch_size"), ("eval", "split"),
-                     ("eval", "last_k"), ("train", "compile"), ("train", "tf32")}
+                     ("eval", "last_k"), ("eval", "ci_resamples"), ("eval", "ci_level"), ("train", "compile"),
+                     ("train", "tf32")}
 
 
 class NonFiniteLoss(RuntimeError):

@@ -98,6 +98,10 @@ class EvalConfig:
     split: str = field(default="test", metadata={"choices": ["train", "val", "test"], "help": "split predict.py scores"})
     last_k: int = field(default=0, metadata={
         "min": 0, "help": "0: MedMNIST protocol (best-validation-AUC checkpoint); k > 0: mean of the last k epoch checkpoints"})
+    ci_resamples: int = field(default=2000, metadata={
+        "min": 0, "help": "bootstrap resamples of the confidence intervals in predict.py's metrics.json (auc_ci, "
+                          "acc_ci; stratified by class, seeded); 0 = no intervals"})
+    ci_level: float = field(default=0.95, metadata={"min": 0.5, "max": 0.999, "help": "confidence level of those intervals"})
 
 
 @dataclass

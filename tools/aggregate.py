@@ -23,6 +23,15 @@ Outputs (in --out, default sweeps/<grid name>):
 - `table.md`: the grid's layout (table.rows x table.cols, one table per table.groups value and metric,
   each entry "ours mean ± std (seeds) / paper"), then every cell with Δ, then notes.
 
+Error bars (tools/compare.py, engine/stats.py): the **pooled CI** of a cell is the bootstrap interval of
+its mean over seeds, every seed's test predictions (`eval/test/predictions.npz`) scored on the same
+stratified resamples of the test samples: the test-sample uncertainty of the seed mean (the ± std is the
+seed-to-seed spread). `--reference MODEL` (a variant label, or a model.name value without variants) adds
+per cell the paired comparison with the reference model's cell of the same other coordinates, seed by
+seed (DeLong / McNemar, as tools/compare.py): mean Δ ± std over seeds and how many seeds have p < 0.05.
+CSV columns: auc_ci_low, auc_ci_high, acc_ci_low, acc_ci_high, and with --reference ref_delta_auc_mean,
+ref_delta_auc_std, ref_auc_significant, ref_delta_acc_mean, ref_delta_acc_std, ref_acc_significant, ref_pairs.
+
 The grid's "table" object: "rows", "cols", "groups" (lists of coordinates: "dataset", "variant" and the
 axis keys), "metrics" (["auc", "acc"] by default), "average_over" ("dataset" or absent), "titles"
 (display names of coordinates) and "heatmap" ({"rows", "cols", "panels", "metric"}) for tools/plots.py.
@@ -59,6 +68,7 @@ class Cell:
     params: list = field(default_factory=list)
     paper: dict = field(default_factory=dict)
     run_dirs: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)       # "ci": pooled intervals, "ref": comparison with --reference
 
     @property
     def n(self) -> int:
@@ -93,6 +103,7 @@ class Aggregate:
     extra: dict
     excluded: list = field(default_factory=list)     # (run name, reason)
     unfinished: list = field(default_factory=list)   # run names without results
+    stats: dict = field(default_factory=dict)        # settings of add_statistics
 
     @property
     def table(self) -> dict:
@@ -284,6 +295,7 @@ def markdown(agg: Aggregate, grid_path: Optional[str] = None) -> str:
     ]
     if paper.get("note"):
         lines += [f"- note: {paper['note']}"]
+    lines += stats_notes(agg)
     pivots = pivot_tables(agg)
     if pivots:
         lines += ["", "## Layout of the paper (ours mean ± std (seeds) / paper)"] + pivots
@@ -291,14 +303,14 @@ def markdown(agg: Aggregate, grid_path: Optional[str] = None) -> str:
     header = [_title(agg, k) for k in keys] + ["seeds"]
     for m in METRICS:
         header += [f"{METRIC_TITLE[m]} ours", f"{METRIC_TITLE[m]} paper", f"Δ {METRIC_TITLE[m]}"]
-    header += ["params"]
+    header += ["params"] + stats_header(agg)
     body = []
     for c in agg.cells:
         row = [coord_text(c, k) for k in keys] + [str(c.n)]
         for m in METRICS:
             row += [fmt_ours(c, m), fmt(c.paper.get(m)), fmt(c.diff(m), signed=True)]
         p = c.param_count()
-        row += ["" if p is None else f"{p:,}"]
+        row += ["" if p is None else f"{p:,}"] + stats_cells(agg, c)
         body.append(row)
     lines += ["", "## All cells", ""] + _md_table(header, body)
     if agg.excluded or agg.unfinished:
@@ -317,6 +329,7 @@ def csv_rows(agg: Aggregate) -> tuple[list, list]:
     for m in METRICS:
         header += [f"{m}_mean", f"{m}_std"]
     header += [f"paper_{m}" for m in METRICS] + [f"diff_{m}" for m in METRICS] + ["param_count", "status"]
+    header += STATS_CSV + (REF_CSV if agg.stats.get("reference") else [])
 
     def num(x):
         return "" if x is None else f"{x:.6f}"
@@ -329,7 +342,7 @@ def csv_rows(agg: Aggregate) -> tuple[list, list]:
             row += [num(c.mean(m)), num(c.std(m))]
         row += [num(c.paper.get(m)) for m in METRICS] + [num(c.diff(m)) for m in METRICS]
         p = c.param_count()
-        row += ["" if p is None else p, c.status]
+        row += ["" if p is None else p, c.status] + stats_csv(agg, c)
         rows.append(row)
     return header, rows
 
@@ -348,6 +361,101 @@ def write_tables(agg: Aggregate, out_dir: Path, grid_path: Optional[str] = None)
     return [md, path]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# error bars and paired comparisons (tools/compare.py)
+# ----------------------------------------------------------------------------------------------------------
+
+STATS_CSV = ["auc_ci_low", "auc_ci_high", "acc_ci_low", "acc_ci_high"]
+REF_CSV = ["ref_delta_auc_mean", "ref_delta_auc_std", "ref_auc_significant", "ref_delta_acc_mean",
+           "ref_delta_acc_std", "ref_acc_significant", "ref_pairs"]
+
+
+def model_key(agg: Aggregate) -> str:
+    return "variant" if "variant" in agg.coord_keys() else "model.name"
+
+
+def add_statistics(agg: Aggregate, reference: Optional[str] = None, resamples: int = 2000,
+                   level: float = 0.95) -> None:
+    """Pooled CIs of every cell with runs, and with `reference` its comparison with the reference cell."""
+    from tools import compare
+
+    if resamples < 0 or not 0 < level < 1:
+        raise sweep.GridError("--ci-resamples is 0 or more and --ci-level lies between 0 and 1")
+    key = model_key(agg)
+    if reference is not None and not any(sweep.format_value(c.coords.get(key)) == reference for c in agg.cells):
+        models = sorted({sweep.format_value(c.coords.get(key)) for c in agg.cells if c.coords.get(key) is not None})
+        raise sweep.GridError(f"--reference {reference}: no cell of that {key} (the grid has {', '.join(models)})")
+    agg.stats = {"reference": reference, "key": key, "level": level, "resamples": resamples}
+    by_coords = {tuple(sorted((k, sweep.format_value(v)) for k, v in c.coords.items())): c for c in agg.cells}
+    for c in agg.cells:
+        if c.run_dirs and resamples > 0:
+            c.stats["ci"] = compare.pooled_intervals(c.run_dirs, n_resamples=resamples, level=level)
+        if reference is None or not c.run_dirs:
+            continue
+        coords = {k: sweep.format_value(v) for k, v in c.coords.items()}
+        ref = by_coords.get(tuple(sorted({**coords, key: reference}.items())))
+        if ref is None or ref is c or not ref.run_dirs:
+            continue
+        try:
+            result = compare.compare_sides(c.run_dirs, ref.run_dirs, n_resamples=resamples, level=level)
+            c.stats["ref"] = result["combined"]
+        except (compare.CompareError, ValueError) as err:
+            c.stats["ref_error"] = str(err)
+
+
+def stats_notes(agg: Aggregate) -> list:
+    s = agg.stats
+    if not s:
+        return []
+    lines = [f"- pooled CI: {s['level']:.0%} bootstrap interval of the seed mean ({s['resamples']} stratified "
+             "resamples of the test samples, shared by the seeds: test-sample noise, not seed noise)"]
+    if s["reference"]:
+        lines.append(f"- vs {s['reference']}: paired per seed (tools/compare.py: DeLong / McNemar, or paired "
+                     f"bootstrap), mean Δ ± std over the seeds both cells have, and the seeds with p < 0.05")
+    lines += [f"- {c.name} not compared with {s['reference']}: {c.stats['ref_error']}" for c in agg.cells
+              if "ref_error" in c.stats]
+    return lines
+
+
+def stats_header(agg: Aggregate) -> list:
+    s = agg.stats
+    if not s:
+        return []
+    head = [f"{METRIC_TITLE[m]} pooled CI" for m in METRICS]
+    return head + ([f"Δ{METRIC_TITLE[m]} vs {s['reference']} (p<0.05)" for m in METRICS] if s["reference"] else [])
+
+
+def stats_cells(agg: Aggregate, cell: Cell) -> list:
+    if not agg.stats:
+        return []
+    ci = cell.stats.get("ci")
+    out = ["n/a" if ci is None else f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]" for m in METRICS]
+    if agg.stats["reference"]:
+        ref = cell.stats.get("ref")
+        for m in METRICS:
+            if ref is None:
+                out.append("n/a")
+                continue
+            std = ref[f"delta_{m}_std"]
+            out.append(f"{ref[f'delta_{m}_mean']:+.3f} ± {'n/a' if std is None else f'{std:.3f}'} "
+                       f"({ref[f'{m}_significant']}/{ref['n_pairs']})")
+    return out
+
+
+def stats_csv(agg: Aggregate, cell: Cell) -> list:
+    ci = cell.stats.get("ci")
+    out = [""] * 4 if ci is None else [f"{ci[m][i]:.6f}" for m in METRICS for i in (0, 1)]
+    if agg.stats.get("reference"):
+        ref = cell.stats.get("ref")
+        if ref is None:
+            return out + [""] * len(REF_CSV)
+        for m in METRICS:
+            std = ref[f"delta_{m}_std"]
+            out += [f"{ref[f'delta_{m}_mean']:.6f}", "" if std is None else f"{std:.6f}", ref[f"{m}_significant"]]
+        out.append(ref["n_pairs"])
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("grid", help="grid file, e.g. experiments/table8.json")
@@ -357,12 +465,18 @@ def main(argv=None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="the --override values the runs were swept with (so their configs match)")
     parser.add_argument("--plots", action="store_true", help="also write PNGs (tools/plots.py; needs matplotlib)")
+    parser.add_argument("--reference", metavar="MODEL", help="add the paired comparison (tools/compare.py) of every "
+                        "cell with this model's cell (a variant label, or a model.name value)")
+    parser.add_argument("--ci-resamples", type=int, default=2000, help="bootstrap resamples of the pooled CI (the "
+                        "interval of the seed mean over test-sample resamples shared by the seeds); 0 = none")
+    parser.add_argument("--ci-level", type=float, default=0.95, help="confidence level (default 0.95)")
     args = parser.parse_args(argv)
     try:
         grid = sweep.load_grid(args.grid)
         extra = dict(sweep.parse_override(o) for o in args.override)
         runs_dir = sweep.runs_dir_of(grid, args.runs)
         agg = aggregate(grid, runs_dir, extra)
+        add_statistics(agg, args.reference, args.ci_resamples, args.ci_level)
     except sweep.GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
