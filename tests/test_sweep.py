@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import aggregate, plots, sweep  # noqa: E402
+from tools import aggregate, launch, plots, sweep  # noqa: E402
 
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.json"))
 
@@ -333,7 +333,7 @@ class MeetingEngine(FakeEngine):
 def test_jobs_runs_overlap_devices_round_robin_and_threads(tmp_path, monkeypatch):
     runs = sweep.expand(small_grid())[:8]
     engine = MeetingEngine(4)
-    monkeypatch.setattr(sweep, "available_cores", lambda: 9)
+    monkeypatch.setattr(launch, "available_cores", lambda: 9)
     lines = []
     result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=lines.append, jobs=4,
                              devices=["dev0", "dev1"])
