@@ -19,7 +19,11 @@ No config file is edited: every setting of a run is a command-line override. A r
 training finished but was not evaluated only gets the predict step; any other run is (re)started and
 the engine resumes it from `last.pt`. So an interrupted sweep resumes where it stopped: run the same
 command again. A failing run does not stop the others: its output is in `<run dir>/sweep.log` (both
-steps, appended), the summary at the end lists it, and the exit status is 1.
+steps, appended), the summary at the end lists it, and the exit status is 1; `job_state.json` records the
+failure for `--status` until the run is launched again. The summary ends with every finished run's test
+AUC and ACC. A run that a live train.py holds (its lock) is left alone and reported (exit status 1), its
+log untouched. `--list`, `--status`, `--dry-run` and the sweep share one definition of a run's state
+(tools/run_state.py).
 
 Several runs at once: `--jobs N` keeps up to N runs going (each still train.py then predict.py, in its
 own directory and `sweep.log`); N job slots each take the next unfinished run in grid order when their
@@ -30,7 +34,9 @@ OMP_NUM_THREADS and MKL_NUM_THREADS. The console shows one line per run start, e
 runs' output), and the summary lists every run's outcome. Ctrl-C (or SIGTERM) starts no new run and sends
 the running ones the same signal once (they run in their own process groups); each resumes from its
 last.pt when the same command runs again; the exit status is 130 (143); a second Ctrl-C kills them.
-`--jobs 1` (the default) runs one run after the other in the foreground as it always did.
+`--jobs 1` (the default) runs one run after the other, through the same code (tools/launch_local.py),
+showing each step and the end of a failed run's log. On Linux every child also gets a parent-death
+signal (SIGTERM), so not even a sweep killed with SIGKILL leaves a trainer running.
 
 The sweep records each run's config file and settings in `<run dir>/sweep_settings.json`. Before a run
 directory is reused, that record (both ways: a key only one side sets counts) and the run's
