@@ -197,3 +197,16 @@ def test_submitit_local_jobs_share_the_cores_by_default(tmp_path, monkeypatch, c
     (executor,) = RecordingExecutor.instances
     assert executor.params["cpus_per_task"] == 2 and [job.threads for job in executor.submitted] == [2, 2, 2]
     assert cluster.default_cpus("slurm", 3) == 4
+
+
+def test_resubmit_submits_queued_runs_again(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: "/usr/bin/sbatch" if name == "sbatch" else None)
+    monkeypatch.setattr(submitit, "SlurmExecutor", RecordingExecutor)
+    RecordingExecutor.instances.clear()
+    grid = grid_file(tmp_path, epochs=5)
+    out = tmp_path / "runs"
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm"]) == 0
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm"]) == 0            # queued: left alone
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm", "--resubmit"]) == 0
+    assert [len(e.submitted) for e in RecordingExecutor.instances] == [2, 2]

@@ -8,7 +8,9 @@
 Every unfinished run of the grid (the same selection, skip and resume rules as a local sweep) becomes one job;
 with `slurm` they go out as one job array (`--slurm-array-parallelism` of them at a time). A job runs the run's
 two engine steps exactly as `tools/sweep.py` does locally (train.py, then predict.py on the test split, the same
-command lines, output appended to the run's `sweep.log`), with OMP/MKL threads = `--cpus-per-run`.
+command lines, output appended to the run's `sweep.log`, through the same `launch.plan` and `launch.run_steps`),
+with OMP/MKL threads = `--cpus-per-run` (default: 4 on SLURM; with submitit-local, whose jobs all run at once on
+this machine, its cores // the number of jobs, at least 1).
 
 Pre-emption and time limits: submitit asks SLURM to signal the job (USR2) shortly before it is stopped. The job
 then stops its train.py with SIGTERM (which abandons the epoch in progress; `last.pt` holds the last finished

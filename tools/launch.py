@@ -45,7 +45,7 @@ class SweepResult:
 
 
 def plan(runs: list[Run], runs_dir: Path, result: SweepResult, *, extra: Optional[dict] = None,
-         max_runs: Optional[int] = None, log=print, hold: Callable[[Path], Optional[str]] = lambda d: None) -> list:
+         max_runs: Optional[int] = None, log=print, hold: Optional[Callable[[Path], Optional[str]]] = None) -> list:
     """The runs to launch now, [(tag, run)] in grid order, by `run_status`: a run made with other settings
     is a failure (left alone), a finished one is skipped, one a live train.py holds is busy (left alone),
     and beyond `max_runs` they are not started. `hold(run_dir)` (the cluster's: a job is queued) may keep a
@@ -63,7 +63,7 @@ def plan(runs: list[Run], runs_dir: Path, result: SweepResult, *, extra: Optiona
             log(f"{tag}: finished, skipped")
         elif status.trainer:
             busy_message(result, run.name, status.trainer, tag, log)
-        elif (why := hold(run_dir)) is not None:
+        elif hold is not None and (why := hold(run_dir)) is not None:
             log(f"{tag}: {why}")
             result.not_started.append(run.name)
         elif max_runs is not None and len(todo) >= max_runs:

@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess  # noqa: F401  (tests patch the runner)
 import sys
 from pathlib import Path
 
