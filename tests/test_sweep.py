@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import aggregate, plots, sweep  # noqa: E402
+from tools import aggregate, launch, plots, sweep  # noqa: E402
 
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.json"))
 
@@ -333,7 +333,7 @@ class MeetingEngine(FakeEngine):
 def test_jobs_runs_overlap_devices_round_robin_and_threads(tmp_path, monkeypatch):
     runs = sweep.expand(small_grid())[:8]
     engine = MeetingEngine(4)
-    monkeypatch.setattr(sweep, "available_cores", lambda: 9)
+    monkeypatch.setattr(launch, "available_cores", lambda: 9)
     lines = []
     result = sweep.run_sweep(runs, tmp_path / "out", runner=engine, cwd=tmp_path, log=lines.append, jobs=4,
                              devices=["dev0", "dev1"])
@@ -746,3 +746,60 @@ def test_table_plots_bars_and_heatmaps(tmp_path):
     assert (runs_dir / "adrenalmnist3d-ttm-mem64-dim64-seed0" / "roc_test.png").is_file()
     md = (out / "table.md").read_text()
     assert "### ACC — dataset adrenalmnist3d" in md and "0.771" in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the sweep says about its runs
+# ----------------------------------------------------------------------------------------------------------
+
+def test_non_utf8_grid_is_a_clear_error(tmp_path, capsys):
+    grid_path = tmp_path / "latin1.json"
+    grid_path.write_bytes(json.dumps(small_grid(description="caf\u00e9"), ensure_ascii=False).encode("latin-1"))
+    assert sweep.main([str(grid_path), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "UTF-8" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_summary_and_status_give_each_finished_runs_test_metrics(tmp_path, capsys, jobs):
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    runs = sweep.expand(small_grid())
+    before = runs[2]                      # finished before this sweep: AUC 0.61, ACC 0.52
+    write_fake_run(out / before.name, before.settings, auc=0.61, acc=0.52, config=before.config)
+    assert sweep.main([str(grid_path), "--out", str(out), "--max-runs", "2", "--jobs", jobs],
+                      runner=FakeEngine()) == 0
+    summary = capsys.readouterr().out.split("finished runs:\n")[1].splitlines()
+    # FakeEngine's predict.py writes AUC 0.7 + 0.01 * seed and ACC 0.75
+    assert [line.split() for line in summary] == [
+        [runs[0].name, "test", "AUC", "0.700,", "ACC", "0.750"], [runs[1].name, "test", "AUC", "0.710,", "ACC", "0.750"],
+        [before.name, "test", "AUC", "0.610,", "ACC", "0.520"]]
+    assert sweep.main([str(grid_path), "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"{runs[1].name}: finished: test AUC 0.710, ACC 0.750"
+    assert lines[2] == f"{before.name}: finished: test AUC 0.610, ACC 0.520" and lines[3] == f"{runs[3].name}: new"
+
+
+def test_one_meaning_of_finished_for_list_status_dry_run_and_sweep(tmp_path, capsys):
+    """A finished run made with other settings is 'mismatch' in --list and --status and FAILED in --dry-run
+    and the sweep, never 'finished'."""
+    grid_path = tmp_path / "small.json"
+    grid_path.write_text(json.dumps(small_grid()))
+    out = tmp_path / "runs"
+    run = sweep.expand(small_grid())[0]
+    write_fake_run(out / run.name, {**run.settings, "train.epochs": 2}, config=run.config)   # --override earlier
+    only = ["--out", str(out), "--only", run.name]
+    assert sweep.main([str(grid_path), *only, "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["mismatch", run.name]
+    assert sweep.main([str(grid_path), *only, "--status"]) == 0
+    assert capsys.readouterr().out.startswith(f"{run.name}: mismatch: existing run directory has other settings "
+                                              "(train.epochs: run has 2, wanted 5")
+    for extra in (["--dry-run"], []):
+        engine = FakeEngine()
+        assert sweep.main([str(grid_path), *only, *extra], runner=engine) == 1
+        printed = capsys.readouterr().out
+        assert engine.calls == [] and f"{run.name}: FAILED: existing run directory has other settings" in printed
+    # with the override it was made with, it is finished everywhere
+    assert sweep.main([str(grid_path), *only, "--override", "train.epochs=2", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["finished", run.name]

@@ -172,3 +172,41 @@ def test_clear_errors_without_sbatch_or_submitit(tmp_path, monkeypatch, capsys):
     assert "pip install submitit" in capsys.readouterr().err
     assert sweep.main([str(grid), "--out", str(tmp_path / "c"), "--launcher", "slurm", "--jobs", "2"]) == 2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_submitit_local_jobs_share_the_cores_by_default(tmp_path, monkeypatch, capsys):
+    """Without --cpus-per-run, the submitit-local jobs (all running at once here) get cores // jobs threads;
+    SLURM jobs ask for 4 cores and use them."""
+    submitit = pytest.importorskip("submitit")
+    from tools import launch
+
+    class DoneJob(FakeJob):
+        def result(self):
+            return "done"
+
+    class LocalRecorder(RecordingExecutor):
+        def submit(self, job):
+            self.submitted.append(job)
+            return DoneJob(len(self.submitted) - 1, self.folder)
+
+    monkeypatch.setattr(submitit, "LocalExecutor", LocalRecorder)
+    monkeypatch.setattr(launch, "available_cores", lambda: 7)
+    RecordingExecutor.instances.clear()
+    grid = grid_file(tmp_path, epochs=1, seeds=(0, 1, 2))
+    assert sweep.main([str(grid), "--out", str(tmp_path / "a"), "--launcher", "submitit-local"]) == 0
+    (executor,) = RecordingExecutor.instances
+    assert executor.params["cpus_per_task"] == 2 and [job.threads for job in executor.submitted] == [2, 2, 2]
+    assert cluster.default_cpus("slurm", 3) == 4
+
+
+def test_resubmit_submits_queued_runs_again(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: "/usr/bin/sbatch" if name == "sbatch" else None)
+    monkeypatch.setattr(submitit, "SlurmExecutor", RecordingExecutor)
+    RecordingExecutor.instances.clear()
+    grid = grid_file(tmp_path, epochs=5)
+    out = tmp_path / "runs"
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm"]) == 0
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm"]) == 0            # queued: left alone
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm", "--resubmit"]) == 0
+    assert [len(e.submitted) for e in RecordingExecutor.instances] == [2, 2]

@@ -51,7 +51,9 @@ from typing import Optional
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools import sweep  # noqa: E402
+from tools.grid import (REPO_ROOT, GridError, average_cell, cli_value, format_value, load_grid,  # noqa: E402
+                        parse_override, path_arg, runs_dir_of, validate_grid)
+from tools.run_state import is_finished, run_mismatches  # noqa: E402
 
 METRICS = ("auc", "acc")
 METRIC_TITLE = {"auc": "AUC", "acc": "ACC"}
@@ -90,6 +92,13 @@ class Cell:
         m, p = self.mean(metric), self.paper.get(metric)
         return None if m is None or p is None else m - p
 
+    def coord_text(self, key: str) -> str:
+        """The cell's coordinate `key` as tables and plots write it (a variant by its title)."""
+        value = self.coords.get(key)
+        if key == "variant" and self.title and value != "mean":
+            return self.title
+        return "" if value is None else format_value(value)
+
     def param_count(self):
         distinct = sorted(set(self.params))
         return distinct[0] if len(distinct) == 1 else None
@@ -118,7 +127,7 @@ class Aggregate:
 
 def read_run(run_dir: Path) -> Optional[dict]:
     """{'auc', 'acc', 'param_count'} of a finished, evaluated run, else None."""
-    if not sweep.is_finished(run_dir):
+    if not is_finished(run_dir):
         return None
     metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     summary = json.loads((run_dir / "train_summary.json").read_text())
@@ -126,7 +135,7 @@ def read_run(run_dir: Path) -> Optional[dict]:
 
 
 def aggregate(grid: dict, runs_dir: Path, extra: Optional[dict] = None) -> Aggregate:
-    runs = sweep.validate_grid(grid)
+    runs = validate_grid(grid)
     paper = (grid.get("paper") or {}).get("values") or {}
     agg = Aggregate(grid=grid, runs_dir=Path(runs_dir), cells=[], extra=dict(extra or {}))
     by_name: dict[str, Cell] = {}
@@ -138,7 +147,7 @@ def aggregate(grid: dict, runs_dir: Path, extra: Optional[dict] = None) -> Aggre
             agg.cells.append(cell)
         cell.expected += 1
         run_dir = Path(runs_dir) / run.name
-        mismatch = sweep.run_mismatches(run_dir, run, extra)
+        mismatch = run_mismatches(run_dir, run, extra)
         if mismatch:
             agg.excluded.append((run.name, "; ".join(mismatch)))
             continue
@@ -160,7 +169,7 @@ def aggregate(grid: dict, runs_dir: Path, extra: Optional[dict] = None) -> Aggre
 def _averages(runs, by_name, paper) -> list:
     groups: dict[str, list] = {}
     for run in runs:
-        members = groups.setdefault(sweep.average_cell(run), [])
+        members = groups.setdefault(average_cell(run), [])
         if by_name[run.cell] not in members:
             members.append(by_name[run.cell])
     out = []
@@ -197,10 +206,7 @@ def fmt_ours(cell: Cell, metric: str) -> str:
 
 
 def coord_text(cell: Cell, key: str) -> str:
-    value = cell.coords.get(key)
-    if key == "variant" and cell.title and value != "mean":
-        return cell.title
-    return "" if value is None else sweep.format_value(value)
+    return cell.coord_text(key)
 
 
 def _title(agg: Aggregate, key: str) -> str:
@@ -278,12 +284,12 @@ def markdown(agg: Aggregate, grid_path: Optional[str] = None) -> str:
     g = agg.grid
     paper = g.get("paper") or {}
     n_status = {s: sum(c.status == s for c in agg.cells) for s in ("complete", "partial", "missing")}
-    overrides = ", ".join(f"`{k}={sweep.cli_value(v)}`" for k, v in agg.extra.items()) or "none"
+    overrides = ", ".join(f"`{k}={cli_value(v)}`" for k, v in agg.extra.items()) or "none"
     lines = [f"# {g['name']}", ""]
     if g.get("description"):
         lines += [g["description"], ""]
     lines += [
-        f"- grid: `{grid_path or g['name']}`; runs: `{sweep._path_arg(agg.runs_dir)}`; "
+        f"- grid: `{grid_path or g['name']}`; runs: `{path_arg(agg.runs_dir)}`; "
         f"seeds asked per cell: {max((c.expected for c in agg.cells), default=0)}",
         "- ours: test split (`eval/test/metrics.json` of each run: best-validation-AUC checkpoint, official "
         "MedMNIST evaluator), mean ± sample standard deviation (ddof = 1) over seeds, \"± n/a\" with one seed, "
@@ -336,7 +342,7 @@ def csv_rows(agg: Aggregate) -> tuple[list, list]:
 
     rows = []
     for c in agg.cells:
-        row = [c.name] + ["" if c.coords.get(k) is None else sweep.format_value(c.coords[k]) for k in keys]
+        row = [c.name] + ["" if c.coords.get(k) is None else format_value(c.coords[k]) for k in keys]
         row += [c.n, " ".join(map(str, c.seeds))]
         for m in METRICS:
             row += [num(c.mean(m)), num(c.std(m))]
@@ -380,19 +386,19 @@ def add_statistics(agg: Aggregate, reference: Optional[str] = None, resamples: i
     from tools import compare
 
     if resamples < 0 or not 0 < level < 1:
-        raise sweep.GridError("--ci-resamples is 0 or more and --ci-level lies between 0 and 1")
+        raise GridError("--ci-resamples is 0 or more and --ci-level lies between 0 and 1")
     key = model_key(agg)
-    if reference is not None and not any(sweep.format_value(c.coords.get(key)) == reference for c in agg.cells):
-        models = sorted({sweep.format_value(c.coords.get(key)) for c in agg.cells if c.coords.get(key) is not None})
-        raise sweep.GridError(f"--reference {reference}: no cell of that {key} (the grid has {', '.join(models)})")
+    if reference is not None and not any(format_value(c.coords.get(key)) == reference for c in agg.cells):
+        models = sorted({format_value(c.coords.get(key)) for c in agg.cells if c.coords.get(key) is not None})
+        raise GridError(f"--reference {reference}: no cell of that {key} (the grid has {', '.join(models)})")
     agg.stats = {"reference": reference, "key": key, "level": level, "resamples": resamples}
-    by_coords = {tuple(sorted((k, sweep.format_value(v)) for k, v in c.coords.items())): c for c in agg.cells}
+    by_coords = {tuple(sorted((k, format_value(v)) for k, v in c.coords.items())): c for c in agg.cells}
     for c in agg.cells:
         if c.run_dirs and resamples > 0:
             c.stats["ci"] = compare.pooled_intervals(c.run_dirs, n_resamples=resamples, level=level)
         if reference is None or not c.run_dirs:
             continue
-        coords = {k: sweep.format_value(v) for k, v in c.coords.items()}
+        coords = {k: format_value(v) for k, v in c.coords.items()}
         ref = by_coords.get(tuple(sorted({**coords, key: reference}.items())))
         if ref is None or ref is c or not ref.run_dirs:
             continue
@@ -472,16 +478,16 @@ def main(argv=None) -> int:
     parser.add_argument("--ci-level", type=float, default=0.95, help="confidence level (default 0.95)")
     args = parser.parse_args(argv)
     try:
-        grid = sweep.load_grid(args.grid)
-        extra = dict(sweep.parse_override(o) for o in args.override)
-        runs_dir = sweep.runs_dir_of(grid, args.runs)
+        grid = load_grid(args.grid)
+        extra = dict(parse_override(o) for o in args.override)
+        runs_dir = runs_dir_of(grid, args.runs)
         agg = aggregate(grid, runs_dir, extra)
         add_statistics(agg, args.reference, args.ci_resamples, args.ci_level)
-    except sweep.GridError as err:
+    except GridError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out_dir = Path(args.out).resolve() if args.out else sweep.REPO_ROOT / "sweeps" / grid["name"]
-    grid_path = sweep._path_arg(Path(args.grid))
+    out_dir = Path(args.out).resolve() if args.out else REPO_ROOT / "sweeps" / grid["name"]
+    grid_path = path_arg(Path(args.grid))
     written = write_tables(agg, out_dir, grid_path)
     if args.plots:
         from tools import plots

@@ -406,7 +406,7 @@ def add_numerics_options(parser: argparse.ArgumentParser) -> None:
                              "(bfloat16 autocast, as train.amp); tf32 changes nothing on the CPU")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Parameters, training / evaluation samples/s, peak memory and GFLOP of registered models "
                     "(Markdown table). Each case runs in a fresh subprocess.",
@@ -440,12 +440,11 @@ def main(argv=None) -> int:
     add_numerics_options(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
-        return 0
 
+def checked_cases(args, parser) -> tuple[list, str | None]:
+    """The cases to run and the original checkout (or None) from the options; parser.error on a bad one."""
     for option in ("batch_size", "warmup", "iters", "threads", "baseline_width"):
         value = getattr(args, option)
         if value is not None and value < (0 if option == "warmup" else 1):
@@ -468,7 +467,29 @@ def main(argv=None) -> int:
                     original_kwargs(name, kwargs, args.batch_size, args.size)
         except (OriginalError, ValueError) as exc:
             parser.error(str(exc))
+    return cases, original
 
+
+def run_device(device: str, cases: list, args, original: str | None) -> list:
+    """Every case on one device, each in a fresh subprocess; the rows."""
+    rows = []
+    for name, kwargs in cases:
+        spec = {"name": name, "kwargs": kwargs, "device": device, "batch_size": args.batch_size,
+                "size": args.size, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
+                "compile": args.compile, "precision": args.precision, "compile_backend": args.compile_backend,
+                "original": original if name in ORIGINAL_MODELS and device == "cpu" else None}
+        print(f"  running {name} ({case_label(name, kwargs)}) ...", file=sys.stderr, flush=True)
+        rows.append(run_subprocess(spec))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    cases, original = checked_cases(args, parser)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
         if args.device == "cuda":
@@ -485,16 +506,8 @@ def main(argv=None) -> int:
         header = device_header(device, threads, args)
         print(f"## {device.upper()}\n")
         print("\n".join(header) + "\n", flush=True)
-        rows = []
-        for name, kwargs in cases:
-            spec = {"name": name, "kwargs": kwargs, "device": device, "batch_size": args.batch_size,
-                    "size": args.size, "threads": args.threads, "warmup": args.warmup, "iters": args.iters,
-                    "compile": args.compile, "precision": args.precision, "compile_backend": args.compile_backend,
-                    "original": original if name in ORIGINAL_MODELS and device == "cpu" else None}
-            print(f"  running {name} ({case_label(name, kwargs)}) ...", file=sys.stderr, flush=True)
-            row = run_subprocess(spec)
-            failed |= "error" in row
-            rows.append(row)
+        rows = run_device(device, cases, args, original)
+        failed |= any("error" in row for row in rows)
         print("\n".join(table(rows, device, show_original=bool(original), show_compile=args.compile)) + "\n",
               flush=True)
         report["devices"][device] = {"header": header, "rows": rows}

@@ -8,7 +8,9 @@
 Every unfinished run of the grid (the same selection, skip and resume rules as a local sweep) becomes one job;
 with `slurm` they go out as one job array (`--slurm-array-parallelism` of them at a time). A job runs the run's
 two engine steps exactly as `tools/sweep.py` does locally (train.py, then predict.py on the test split, the same
-command lines, output appended to the run's `sweep.log`), with OMP/MKL threads = `--cpus-per-run`.
+command lines, output appended to the run's `sweep.log`, through the same `launch.plan` and `launch.run_steps`),
+with OMP/MKL threads = `--cpus-per-run` (default: 4 on SLURM; with submitit-local, whose jobs all run at once on
+this machine, its cores // the number of jobs, at least 1).
 
 Pre-emption and time limits: submitit asks SLURM to signal the job (USR2) shortly before it is stopped. The job
 then stops its train.py with SIGTERM (which abandons the epoch in progress; `last.pt` holds the last finished
@@ -45,10 +47,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.rundir import atomic_write_json  # noqa: E402
-from tools import sweep  # noqa: E402
-
-JOB_FILE = "job.json"  # the submission: launcher, job id, submitit's log files (written by the submitter)
-STATE_FILE = "job_state.json"  # queued / running / requeued / done / failed (written by the job)
+from tools import launch  # noqa: E402  (launch.available_cores is looked up at call time: tests patch it)
+from tools.grid import REPO_ROOT  # noqa: E402
+from tools.launch import SweepResult, plan, prepare, run_steps, thread_env  # noqa: E402
+from tools.launch_local import parent_death_signal  # noqa: E402
+from tools.run_state import JOB_FILE, LOG_FILE, STATE_FILE, commands, read_state, write_state  # noqa: E402,F401
 
 
 class ClusterError(RuntimeError):
@@ -73,19 +76,6 @@ def parse_extra(text: str) -> tuple[str, str]:
     return key, value.strip()
 
 
-def write_state(run_dir: Path, state: str, **fields) -> None:
-    """job_state.json: written by the submitter before the job exists ("queued") and by the job alone after."""
-    atomic_write_json({"state": state, "updated": time.strftime("%Y-%m-%d %H:%M:%S"), **fields},
-                      Path(run_dir) / STATE_FILE)
-
-
-def read_state(run_dir: Path) -> dict:
-    """The job's state (job_state.json) with the submission record (job.json: job id, log files); a missing or
-    unreadable file counts as empty."""
-    records = [sweep._read_json(Path(run_dir) / name) for name in (JOB_FILE, STATE_FILE)]
-    return {key: value for record in records if isinstance(record, dict) for key, value in record.items()}
-
-
 class RunJob:
     """One run of a grid as a submitit job: train.py (resuming from last.pt) then predict.py.
 
@@ -108,7 +98,8 @@ class RunJob:
         with open(log_path, "a") as log:
             log.write(f"\n$ {' '.join(cmd)}   # job on {socket.gethostname()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             log.flush()
-            self._proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self._proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          preexec_fn=parent_death_signal())
             try:  # polled, not wait(): a blocking wait holds the lock checkpoint()'s wait needs in the signal handler
                 while self._proc.poll() is None:
                     time.sleep(0.2)
@@ -118,14 +109,10 @@ class RunJob:
 
     def __call__(self) -> str:
         run_dir = Path(self.run_dir)
-        write_state(run_dir, "running", node=socket.gethostname(), pid=os.getpid())
-        reason = sweep._run_steps(run_dir, self.train_cmd, self.predict_cmd, not sweep.train_finished(run_dir),
-                                  self._runner, Path(self.cwd), run_dir / "sweep.log",
-                                  env=sweep.thread_env(self.threads))
+        reason = run_steps(run_dir, self.train_cmd, self.predict_cmd, self._runner, Path(self.cwd),
+                           env=thread_env(self.threads), job=True)
         if reason is not None:
-            write_state(run_dir, "failed", reason=reason, log=str(run_dir / "sweep.log"))
-            raise RuntimeError(f"{run_dir.name}: {reason}; log: {run_dir / 'sweep.log'}")
-        write_state(run_dir, "done")
+            raise RuntimeError(f"{run_dir.name}: {reason}; log: {run_dir / LOG_FILE}")
         return "done"
 
     def checkpoint(self, *args, **kwargs):
@@ -177,48 +164,34 @@ def _link(link: Path, target: Path) -> None:
 
 
 def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None, python=sys.executable,
-           cwd: Path = sweep.REPO_ROOT, log=print, executor=None, resubmit: bool = False, **resources):
-    """Submit every unfinished run (sweep rules) as one job; returns (SweepResult, [(run name, job)]).
-    A run whose job_state.json says queued, running or requeued is left alone unless `resubmit`."""
+           cwd: Path = REPO_ROOT, log=print, executor=None, resubmit: bool = False, **resources):
+    """Submit every unfinished run (the local sweep's `plan`) as one job; returns (SweepResult, [(run name, job)]).
+    A run whose job_state.json says queued, running or requeued is left alone unless `resubmit`. Without
+    `cpus_per_run`, a job gets `default_cpus(launcher, number of jobs)` cores."""
     runs_dir = Path(runs_dir)
-    result = sweep.SweepResult()
-    todo = []
-    for i, run in enumerate(runs, 1):
-        run_dir = runs_dir / run.name
-        tag = f"[{i}/{len(runs)}] {run.name}"
-        if sweep.refused_for_settings(run, run_dir, extra, tag, result, log):
-            continue
-        if sweep.is_finished(run_dir):
-            result.skipped.append(run.name)
-            continue
-        record = read_state(run_dir)
-        state = record.get("state")
-        if state in ("queued", "running", "requeued") and not resubmit:
-            log(f"{tag}: already {state} as job {record.get('job_id')}, not submitted again "
-                f"(--resubmit if that job is gone)")
-            result.not_started.append(run.name)
-            continue
-        if max_runs is not None and len(todo) >= max_runs:
-            result.not_started.append(run.name)
-            continue
-        train_cmd, predict_cmd = sweep.commands(run, runs_dir, extra, python)
-        todo.append((run, run_dir, RunJob(run_dir, train_cmd, predict_cmd, cwd, resources.get("cpus_per_run", 1))))
+    result = SweepResult()
+    todo = plan(runs, runs_dir, result, extra=extra, max_runs=max_runs, log=log,
+                hold=None if resubmit else _held_by_a_job)
     if not todo:
         return result, []
+    if resources.get("cpus_per_run") is None:
+        resources["cpus_per_run"] = default_cpus(launcher, len(todo))
+    jobs = []
+    for _, run in todo:
+        train_cmd, predict_cmd = commands(run, runs_dir, extra, python)
+        jobs.append(RunJob(runs_dir / run.name, train_cmd, predict_cmd, cwd, resources["cpus_per_run"]))
     if executor is None:
         executor = make_executor(launcher, runs_dir / ".submitit" / "%j", **resources)
     # the job process unpickles RunJob from this repository: make it importable there
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(sweep.REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for _, run_dir, _ in todo:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    for run, run_dir, _ in todo:
-        sweep.write_settings(run_dir, run.config, sweep.run_settings(run, extra))
-        write_state(run_dir, "queued")  # before the job exists: from now on only the job writes its state
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    for _, run in todo:
+        prepare(run, runs_dir / run.name, extra)
+        write_state(runs_dir / run.name, "queued")  # before the job exists: from now on only the job writes its state
     with executor.batch():  # one job array on SLURM
-        jobs = [executor.submit(job) for _, _, job in todo]
+        submitted_jobs = [executor.submit(job) for job in jobs]
     submitted = []
-    for (run, run_dir, _), job in zip(todo, jobs):
-        paths = job.paths
+    for (_, run), job in zip(todo, submitted_jobs):
+        run_dir, paths = runs_dir / run.name, job.paths
         atomic_write_json({"job_id": str(job.job_id), "launcher": launcher,
                            "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "stdout": str(paths.stdout),
                            "stderr": str(paths.stderr)}, run_dir / JOB_FILE)
@@ -229,35 +202,18 @@ def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None,
     return result, submitted
 
 
-def status_lines(runs, runs_dir: Path) -> list[str]:
-    """One line per run: finished, failed (with its log), running, queued, requeued, trained, started or new."""
-    lines = []
-    for run in runs:
-        run_dir = Path(runs_dir) / run.name
-        record = read_state(run_dir)
-        state = record.get("state")
-        job = f" (job {record['job_id']})" if record.get("job_id") else ""
-        on_disk = sweep.run_state(run_dir)
-        if on_disk == "finished":
-            text = "finished"
-        elif state == "failed":
-            text = f"failed{job}: {record.get('reason', '?')}; log: {record.get('log', run_dir / 'sweep.log')}"
-        elif state == "running":
-            text = f"running{job} on {record.get('node', '?')} since {record.get('updated', '?')}"
-        elif state in ("queued", "requeued"):
-            text = f"{state}{job}"
-        elif on_disk == "trained":
-            text = "trained, not evaluated"
-        else:
-            text = on_disk  # started or new
-        if state == "running" or (text == "started" and (run_dir / "last.pt").exists()):
-            try:
-                import torch
+def _held_by_a_job(run_dir: Path):
+    record = read_state(run_dir)
+    state = record.get("state")
+    if state in ("queued", "running", "requeued"):
+        return (f"already {state} as job {record.get('job_id')}, not submitted again "
+                f"(--resubmit if that job is gone)")
+    return None
 
-                # memory-mapped: the epoch number without reading the weights and optimizer state
-                epoch = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True, mmap=True)["epoch"]
-                text += f", epoch {epoch} done"
-            except Exception:  # noqa: BLE001 - a status line never fails on an unreadable checkpoint
-                pass
-        lines.append(f"{run.name}: {text}")
-    return lines
+
+def default_cpus(launcher: str, n_jobs: int) -> int:
+    """--cpus-per-run when not given: SLURM gives each job the cores it asks for (4); submitit-local runs
+    every job at once on this machine, so they share its cores (cores // jobs, at least 1)."""
+    if launcher == "slurm":
+        return 4
+    return max(1, launch.available_cores() // max(1, n_jobs))

@@ -86,7 +86,6 @@ def plot_bars(agg, out_dir) -> Path:
 def plot_heatmaps(agg, out_dir) -> list:
     """heatmap_<group>.png per value of table.groups: rows x cols per panel, ours above, paper below."""
     import numpy as np
-    from tools.aggregate import coord_text
 
     spec = agg.table.get("heatmap")
     if not spec:
@@ -95,10 +94,10 @@ def plot_heatmaps(agg, out_dir) -> list:
     metric = spec.get("metric", "acc")
     groups = agg.table.get("groups") or []
     written = []
-    group_values = list(dict.fromkeys(tuple(coord_text(c, k) for k in groups) for c in agg.cells))
+    group_values = list(dict.fromkeys(tuple(c.coord_text(k) for k in groups) for c in agg.cells))
     for gv in group_values:
-        members = [c for c in agg.cells if tuple(coord_text(c, k) for k in groups) == gv]
-        panels = list(dict.fromkeys(coord_text(c, spec["panels"]) for c in members))
+        members = [c for c in agg.cells if tuple(c.coord_text(k) for k in groups) == gv]
+        panels = list(dict.fromkeys(c.coord_text(spec["panels"]) for c in members))
         rows = list(dict.fromkeys(c.coords[spec["rows"]] for c in members))
         cols = list(dict.fromkeys(c.coords[spec["cols"]] for c in members))
         grids = []
@@ -106,7 +105,7 @@ def plot_heatmaps(agg, out_dir) -> list:
             ours = np.full((len(rows), len(cols)), np.nan)
             paper = np.full((len(rows), len(cols)), np.nan)
             for c in members:
-                if coord_text(c, spec["panels"]) != panel:
+                if c.coord_text(spec["panels"]) != panel:
                     continue
                 r, k = rows.index(c.coords[spec["rows"]]), cols.index(c.coords[spec["cols"]])
                 if c.n:
