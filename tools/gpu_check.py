@@ -50,7 +50,8 @@ CARRIED = ["medmnist", "nibabel", "einops", "tqdm", "submitit"]
 DATA_FILES = ["adrenalmnist3d.npz"]
 CARRY_LIMIT_MIB = 64  # the working tree and the carried paths together
 # module -> distribution; the project imports these (tests/test_gpu_check.py checks the list against the code)
-REQUIRED = {"torch": "torch", "numpy": "numpy", "pandas": "pandas", "sklearn": "scikit-learn", "PIL": "pillow",
+REQUIRED = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "pandas": "pandas", "sklearn": "scikit-learn",
+            "PIL": "pillow",
             "einops": "einops", "tqdm": "tqdm", "medmnist": "medmnist", "nibabel": "nibabel", "pytest": "pytest"}
 OPTIONAL = {"matplotlib": "matplotlib", "tensorboard": "tensorboard", "submitit": "submitit",
             "mamba_ssm": "mamba-ssm", "joblib": "joblib"}
