@@ -16,7 +16,8 @@ y_score), for MedMNIST datasets the evaluator's standard result CSV (re-scored t
 expected calibration error is in metrics.json). `--protocol original` reproduces the original code's evaluation
 instead (engine/protocols.py), clearly labelled, into `eval/<split>[-last<k>]-original-protocol/metrics.json`;
 it exists to measure that protocol's effect (REPRODUCTION.md), not to report results. `--input` scores the
-user's own files instead (engine/inputs.py). A run that train.py is training is refused. Exit codes: 0 done,
+user's own files instead (engine/inputs.py). A run that train.py is training is refused, and so is a best.pt
+that the run's last.pt does not commit (engine/saver.py). Exit codes: 0 done,
 1 some --input file could not be scored, 2 bad config, data, checkpoint or output folder, 130 Ctrl-C,
 143 SIGTERM.
 """
@@ -166,7 +167,7 @@ def _predict_inputs(args, cfg, device, info) -> int:
         raise ConfigError(f"--input scores your own files with one checkpoint; it excludes {', '.join(given)}")
     if is_classical(cfg.model):
         raise ConfigError(f"--input needs a neural-network checkpoint; {cfg.model_name} is a scikit-learn baseline")
-    model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or cfg.run_dir / BEST)
+    model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or committed_best(cfg.run_dir))
     full = uses_full_batches(trained_cfg.model)
     try:
         return predict_inputs(args.input, model=model.to(device), info=info,

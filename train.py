@@ -27,13 +27,14 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import batches, check_split, data_md5
+from data import DatasetInfo, Split, batches, check_split, data_md5
 from engine.checkpoint import load_weights, package_versions
 from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
 from engine import distributed
@@ -196,15 +197,15 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
 class Job:
     """What a training holds in memory: the data, the model and its optimizer, and how to run them."""
 
-    info: object
-    splits: dict
+    info: DatasetInfo
+    splits: dict[str, Split]
     md5: str | None
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     executed: int          # parameters on the executed path (the run's param_count)
     device: torch.device
-    forward: object        # validation: the (compiled) model, never the DDP wrapper
-    train_forward: object  # training: the (compiled) model or its DDP wrapper
+    forward: Callable        # validation: the (compiled) model, never the DDP wrapper
+    train_forward: Callable  # training: the (compiled) model or its DDP wrapper
     eval_batch: int
     full_batches: bool
 
