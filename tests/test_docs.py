@@ -206,7 +206,7 @@ def test_docs_pages_start_with_what_they_are_for():
     for page in pages:
         title, opening = (page.read_text().split("\n\n") + [""])[:2]
         assert title.startswith("# ") and "\n" not in title, f"{rel(page)} must start with its title line"
-        assert opening.strip() and not re.match(r"\s*([#|>`*-]|\d+\.)", opening), \
+        assert opening.strip() and not re.match(r"\s*([#|>*-]|```|\d+\.)", opening), \
             f"{rel(page)}: the title must be followed by a paragraph saying what the page is for"
 
 
