@@ -19,8 +19,9 @@ Nothing of the originals is vendored. How they are loaded (`tools.original.load_
 The weights are ours, copied by name (`original_name`, one small table; A_log (K, d, N) and D (K, d) are the
 originals' flattened (K·d, N) and (K·d)); every BatchNorm gets random running statistics and affine
 parameters, every LayerNorm random affine parameters, and the SSM's D and A_log are perturbed, so that a
-swapped or missing tensor shows. Compared: eval-mode logits on a 3-channel input, and the gradients of every
-parameter after one training step (cross-entropy, batch statistics, drop-path 0).
+swapped or missing tensor shows. Compared: eval-mode logits on a 3-channel input at the originals' sizes, and
+the gradients of every parameter after one training step (cross-entropy, batch statistics, drop-path 0) at
+64² by default: the reference scan's backward is O(L²) (hours at 224² on a CPU).
 
 What cannot match by design: an odd side at a patch merging (the originals crop the last row / column with a
 printed warning, ours pads with zeros; the `28² patch 2` row shows it and the first stage that differs) and
@@ -237,32 +238,38 @@ def compare_gradients(ours, original, x, target, depths):
     return worst, scale
 
 
-def run_case(files, variant, *, input_size, batch_size=1, train=True, atol=1e-4, label=None, expect_match=True,
-             **build) -> Result:
+def run_case(files, variant, *, input_size, batch_size=1, train=True, train_size=None, atol=1e-4, label=None,
+             expect_match=True, **build) -> Result:
+    """Eval logits at `input_size` (batch `batch_size`), then one training step's gradients (batch 2) at
+    `train_size` (default: the same): the reference scan's backward costs O(L²) (every step's slice of the
+    (B, K·d, L, N) tensors gets a full-size gradient), hours at 224² on a CPU."""
     start = time.perf_counter()
     ours, original = build_pair(files, variant, input_size=input_size, **build)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch_size, 3, input_size, input_size, generator=g)
     logits, first = compare_eval(ours, original, x, atol)
     grads = scale = None
+    train_size = train_size or input_size
     if train:
-        x2 = torch.randn(2, 3, input_size, input_size, generator=g)
+        x2 = torch.randn(2, 3, train_size, train_size, generator=g)
         grads, scale = compare_gradients(ours, original, x2, torch.tensor([0, 1]), VARIANTS[variant][1]
                                          if build.get("depths") is None else build["depths"])
-    case = label or f"{variant} {input_size}²"
+    case = label or f"{variant} {input_size}²" + (f" (train step {train_size}²)" if train and train_size != input_size
+                                                  else "")
     return Result(case, logits, grads, scale, first, atol, expect_match, time.perf_counter() - start)
 
 
-def all_cases(files: dict, *, quick: bool = False, atol: float = 1e-4):
-    """Yield the results: the 2-D variants at their own settings (MedMamba 224², MedMambaSE 128² as its
-    notebook), then an odd side (MedMamba-T at 28², patch 2: 14 -> 7 -> crop vs pad), which differs by design."""
+def all_cases(files: dict, *, quick: bool = False, train_size: int = 64, atol: float = 1e-4):
+    """Yield the results: the 2-D variants at their own settings (eval: MedMamba 224², MedMambaSE 128² as its
+    notebook; the training step at `train_size`), then an odd side (MedMamba-T at 28², patch 2: 14 -> 7 ->
+    crop vs pad), which differs by design. `quick`: no training steps."""
     if "medmambase" in files:
-        yield run_case(files, "medmambase", input_size=128, atol=atol)
+        yield run_case(files, "medmambase", input_size=128, train=not quick, train_size=train_size, atol=atol)
     if "medmamba" in files:
         yield run_case(files, "medmamba_t", input_size=28, patch_size=2, train=False, atol=atol,
                        label="medmamba_t 28², patch 2 (odd side 7: crop vs pad)", expect_match=False)
         for variant in ("medmamba_t", "medmamba_s", "medmamba_b"):
-            yield run_case(files, variant, input_size=224, train=not quick or variant == "medmamba_t", atol=atol)
+            yield run_case(files, variant, input_size=224, train=not quick, train_size=train_size, atol=atol)
 
 
 def main(argv=None) -> int:
@@ -271,7 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--medmamba", help=f"YubiaoYue/MedMamba checkout (default: ${ENV['medmamba']})")
     parser.add_argument("--mamba", help=f"state-spaces/mamba checkout, for its reference scan (default: ${ENV['mamba']})")
     parser.add_argument("--medmambase", help=f"Tanjim-Islam/MedMambaSE checkout (default: ${ENV['medmambase']})")
-    parser.add_argument("--quick", action="store_true", help="training-step gradients for MedMamba-T and SE only")
+    parser.add_argument("--quick", action="store_true", help="eval logits only, no training steps")
+    parser.add_argument("--train-size", type=int, default=64,
+                        help="input side of the training step (the original's reference scan is O(L²) backward)")
     parser.add_argument("--atol", type=float, default=1e-4)
     args = parser.parse_args(argv)
     try:
@@ -292,12 +301,13 @@ def main(argv=None) -> int:
         print(f"original_medmamba: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(f"eval: batch 1, 3 channels, 6 classes, random BN statistics; training step: batch 2, drop-path 0; "
+    print(f"eval: batch 1, 3 channels, 6 classes, random BN statistics; training step: batch 2, drop-path 0, "
+          f"{args.train_size}²; "
           f"tolerance {args.atol:g} (gradients: relative to the largest when it exceeds 1)\n")
     print("| case | max abs diff, logits (eval) | max abs diff, gradients (train step) | first stage that differs | match |")
     print("|---|---|---|---|---|", flush=True)
     ok = True
-    for r in all_cases(files, quick=args.quick, atol=args.atol):  # one row as each case finishes (minutes on a CPU)
+    for r in all_cases(files, quick=args.quick, train_size=args.train_size, atol=args.atol):  # one row as each case finishes (minutes on a CPU)
         print(r.row(), flush=True)
         ok = ok and r.ok
     return 0 if ok else 1
