@@ -160,6 +160,90 @@ def import_original(checkout: str | os.PathLike, model: str = "lmttm") -> types.
 
 
 # ----------------------------------------------------------------------------------------------------------
+# loading definitions only (for originals whose files run demo code at import)
+# ----------------------------------------------------------------------------------------------------------
+
+class _DropPath(nn.Module):
+    """Stand-in for timm's `DropPath`: zero a sample's branch with probability `drop_prob` in training, scale
+    the rest by 1 / (1 - p); the identity in eval or at p = 0 (the only uses the comparisons make)."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = float(drop_prob or 0.0)
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+def _to_2tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+def stub_timm() -> dict[str, types.ModuleType]:
+    """Stand-ins for `timm.models.layers` (DropPath, to_2tuple, trunc_normal_ = torch's trunc_normal_).
+
+    timm is not a dependency of this project; the originals import only these three names from it.
+    """
+    package, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
+    package.__path__, models.__path__ = [], []
+    layers.DropPath, layers.to_2tuple, layers.trunc_normal_ = _DropPath, _to_2tuple, nn.init.trunc_normal_
+    package.models, models.layers = models, layers
+    return {"timm": package, "timm.models": models, "timm.models.layers": layers}
+
+
+class Definitions(types.SimpleNamespace):
+    """What `load_definitions` executed: the namespace's names as attributes, plus `skipped` (line ranges of
+    the top-level statements not run) and `failed_imports` (import lines that raised ImportError)."""
+
+
+def load_definitions(source: str, filename: str, *, keep: set[str] | None = None,
+                     namespace: dict | None = None, modules: dict[str, types.ModuleType] | None = None) -> Definitions:
+    """Run only the imports, functions and classes of a Python source, never its other top-level code.
+
+    Top-level `import` statements run (with `modules` visible in sys.modules meanwhile; one that raises
+    ImportError is recorded and skipped), then every `def` / `class` (only those named in `keep`, if given)
+    and every plain `NAME = ...` assignment named in `keep`. Everything else at top level (try blocks,
+    attribute assignments, demo code that builds models on CUDA or prints) is not executed; its lines are
+    listed in `skipped`. `namespace` is pre-filled (e.g. a replacement for a name the skipped code imported).
+    """
+    import ast
+
+    tree = ast.parse(source, filename)
+    env: dict = {"__name__": "_original_" + Path(filename).stem, "__file__": filename, "__builtins__": __builtins__}
+    env.update(namespace or {})
+    skipped, failed = [], []
+    with _swapped_modules(modules or {}):
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                run, is_import = True, True
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                run, is_import = keep is None or node.name in keep, False
+            elif isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+                run, is_import = keep is not None and all(t.id in keep for t in node.targets), False
+            else:
+                run, is_import = False, False
+            if not run:
+                if not isinstance(node, ast.Expr) or not isinstance(getattr(node, "value", None), ast.Constant):
+                    skipped.append((node.lineno, node.end_lineno))
+                continue
+            code = compile(ast.Module(body=[node], type_ignores=[]), filename, "exec")
+            try:
+                exec(code, env)
+            except ImportError:
+                if not is_import:
+                    raise
+                failed.append(node.lineno)
+    missing = sorted((keep or set()) - set(env))
+    if missing:
+        raise OriginalError(f"{filename} does not define {', '.join(missing)}")
+    names = {k: v for k, v in env.items() if not k.startswith("__")}
+    return Definitions(**names, skipped=skipped, failed_imports=failed)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # build
 # ----------------------------------------------------------------------------------------------------------
 
