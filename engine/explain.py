@@ -12,10 +12,15 @@ metrics.json and predictions.npz, from a freshly loaded copy of the checkpoint):
   tokens (LMTTM: the r outputs of each of the 3 reads; TTM: the r outputs): the share of the step's read
   attention that went to that patch (the rest went to memory tokens). With the `3dBN` stem a token also
   sees its 26 neighbouring patches through the 3 × 3 × 3 convolution; the map still places it on its own patch.
-* `gradcam`: Grad-CAM (Selvaraju et al. 2017) on the last convolutional feature map: the channel weights
-  are the spatial means of the gradient of the predicted class's logit, the map is ReLU(Σ_c w_c A_c),
-  brought to the input by the patching above (token machines: the stem's output; vit_mam: its patch
-  embedding) or trilinear interpolation (ResNets: the last stage, MedMamba: the last stage's output).
+* `gradcam`: Grad-CAM (Selvaraju et al. 2017) on the last convolutional feature map A (channels c), in
+  its element-wise form ReLU(Σ_c ∂y/∂A_c ⊙ A_c) (HiResCAM, Draelos & Carin 2020), y the predicted class's
+  logit. For the ResNets and MedMamba the map feeds a global average pool and a linear head, so the
+  gradient is the same at every position and this is exactly Grad-CAM. For the token machines' stem and
+  vit_mam's patch embedding the tokens are weighted by attention, and Grad-CAM's spatially averaged
+  gradient misplaces the evidence (on tests/test_explain.py's cube task it put 0.1 % of the map in the
+  cube, the element-wise form 67 %). The map has the feature map's resolution (token machines: one value
+  per stem patch, placed by the patching above; vit_mam: per patch; ResNets: 4³ at 28³, MedMamba: its
+  last stage's grid), brought to the input by trilinear interpolation.
 * `occlusion`: occlusion sensitivity, model-agnostic: a cube of `cube` voxels per side, set to 0 (the
   MedMNIST background), slides with `stride`; a voxel's value is the mean drop of the predicted class's
   probability over the cubes covering it (negative: hiding it raises that probability).
@@ -212,7 +217,7 @@ def gradcam_maps(model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     finally:
         handle.remove()
     a, g = to_grid(activation.detach()), to_grid(grad)  # (B, C, d, h, w)
-    cam = (g.mean(dim=(2, 3, 4), keepdim=True) * a).sum(1).relu()  # (B, d, h, w)
+    cam = (g * a).sum(1).relu()  # (B, d, h, w): the element-wise form (see the module docstring)
     size = x.size(-1)
     if isinstance(model, TokenTuringMachine):
         return tokens_to_voxels(cam, model.cfg.patch, size)
