@@ -117,6 +117,12 @@ def test_occlusion_of_a_region_reader_is_zero_elsewhere():
     assert heat[region].min() > 0 and heat.sum() > 0
     dilated = F.max_pool3d(marked[None, None], 2 * cube - 1, stride=1, padding=cube - 1)[0, 0]
     assert (heat[dilated == 0] == 0).all()  # nothing further than a cube away from R
+    # overlapping cubes (stride 1): a voxel holds the mean drop over the cubes that cover it
+    heat = occlusion_map(score, torch.ones(1, size, size, size), 1, cube=cube, stride=1)
+    z, y, x = 4, 4, 6  # a corner voxel of R
+    drops = [marked[a:a + cube, b:b + cube, c:c + cube].sum() / marked.sum()
+             for a in range(z - cube + 1, z + 1) for b in range(y - cube + 1, y + 1) for c in range(x - cube + 1, x + 1)]
+    assert heat[z, y, x].item() == pytest.approx(float(np.mean(drops)), abs=1e-6)
 
 
 def test_tokens_to_voxels_follows_the_stem_patching():
