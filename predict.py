@@ -76,6 +76,14 @@ def parse_args(argv=None):
                           "volume's min/max")
     own.add_argument("--save-preprocessed", type=Path, metavar="DIR",
                      help="write what the model saw, one .npy per input (float in [0, 1], (C, S, S, S))")
+    why = parser.add_argument_group("explanation maps (engine/explain.py; see the README)")
+    why.add_argument("--explain", type=int, metavar="N", help="also write maps of where the model looked for the "
+                     "first N samples of the split: eval/<split>/explain/<method>/NNNN.png and .npy")
+    why.add_argument("--explain-method", choices=["attention", "gradcam", "occlusion"], default="attention",
+                     help="attention: LMTTM/TTM read weights (default); gradcam: last conv/stem feature map; "
+                          "occlusion: any model")
+    why.add_argument("--occlusion-cube", type=int, metavar="VOXELS", help="occluding cube side (default: side / 7)")
+    why.add_argument("--occlusion-stride", type=int, metavar="VOXELS", help="occlusion step (default: the cube side)")
     return parser.parse_known_args(argv)
 
 
@@ -154,6 +162,8 @@ def main(argv=None) -> int:
     apply_determinism(cfg.train.deterministic)
     device = resolve_device(cfg.train.device)
     info = dataset_for(cfg)
+    if args.explain is not None:
+        _check_explain(args, cfg, info)
     with SharedRunLock(cfg.run_dir):  # refused while train.py holds the run
         if args.input:
             return _predict_inputs(args, cfg, device, info)
@@ -225,7 +235,28 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     if args.protocol == "original":
         return _write_original_protocol(out_dir.with_name(f"{out_dir.name}-original-protocol"), results, info,
                                         split_name, len(labels), args.protocol_seed)
-    return write_results(out_dir, cfg, info, split_name, labels, results, protocol)
+    code = write_results(out_dir, cfg, info, split_name, labels, results, protocol)
+    if args.explain:  # from a fresh copy of the last checkpoint, after the results are written
+        _explain(args, load_trained_model(cfg, info, checkpoints[-1][0])[0], split, info, out_dir, results, device)
+    return code
+
+
+def _check_explain(args, cfg, info) -> None:
+    from engine.explain import check_request
+
+    if args.input or args.protocol != "medmnist":
+        raise ConfigError("--explain maps the first samples of a split scored with the MedMNIST protocol; it "
+                          "excludes --input and --protocol original")
+    check_request(args.explain_method, args.explain, cfg.model_name, cfg.model, info.size, args.occlusion_cube,
+                  args.occlusion_stride)
+
+
+def _explain(args, source, split, info, out_dir: Path, results: list, device) -> None:
+    """--explain N: maps of the first N samples under out_dir/explain/ (engine/explain.py)."""
+    from engine.explain import explain_split
+
+    explain_split(source, split, info, out_dir / "explain", method=args.explain_method, count=args.explain,
+                  scores=results[-1][4], device=device, cube=args.occlusion_cube, stride=args.occlusion_stride)
 
 
 def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray, results: list, protocol: str) -> int:
@@ -323,7 +354,11 @@ def _evaluate_classical(args, cfg, split_name: str, info) -> int:
     else:
         out_dir = eval_folder(args, cfg, split_name, 1)
     protocol = f"{payload['model']} estimator fitted by train.py (hyper-parameters chosen on the validation split)"
-    return write_results(out_dir, cfg, info, split_name, labels, [(path, 1, auc, acc, scores)], protocol)
+    results = [(path, 1, auc, acc, scores)]
+    code = write_results(out_dir, cfg, info, split_name, labels, results, protocol)
+    if args.explain:
+        _explain(args, payload, split, info, out_dir, results, "cpu")
+    return code
 
 
 def _write_original_protocol(out_dir: Path, results: list, info, split_name: str, n_split: int, seed: int) -> int:
