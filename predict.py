@@ -48,7 +48,8 @@ from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 from model.classical import is_classical
 
-ESTIMATOR_NAME = "model.joblib"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
+ESTIMATOR_NAME = "model.npz"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
+OLD_ESTIMATOR_NAME = "model.joblib"  # engine.classical.OLD_ESTIMATOR_NAME: refused with a message
 
 
 def parse_args(argv=None):
@@ -272,12 +273,13 @@ def _is_classical_run(args, cfg) -> bool:
     if is_classical(cfg.model):
         return True
     if args.checkpoint is not None:
-        return Path(args.checkpoint).suffix == ".joblib"
-    return not (cfg.run_dir / "best.pt").exists() and (cfg.run_dir / ESTIMATOR_NAME).is_file()
+        return Path(args.checkpoint).suffix in (".npz", ".joblib")
+    return not (cfg.run_dir / "best.pt").exists() and any(
+        (cfg.run_dir / name).is_file() for name in (ESTIMATOR_NAME, OLD_ESTIMATOR_NAME))
 
 
 def _evaluate_classical(args, cfg, split_name: str, info) -> int:
-    """Score the run's fitted scikit-learn estimator (its SHA-256 checked before unpickling) like a best.pt."""
+    """Score the run's fitted scikit-learn estimator (arrays only, its SHA-256 checked) like a best.pt."""
     from engine import classical
 
     if args.last_k is not None or cfg.eval.last_k > 0:
