@@ -53,7 +53,7 @@ METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
 # keys that may differ between a run and its resumption (everything else must match the checkpoint)
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "keep_last_k"), ("data", "root"),
                      ("data", "download"), ("data", "device_cache"), ("eval", "batch_size"), ("eval", "split"),
-                     ("eval", "last_k"), ("train", "compile"), ("train", "tf32")}
+                     ("eval", "last_k"), ("train", "compile"), ("train", "tf32"), ("train", "dist_timeout_min")}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -252,7 +252,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     cfg = load_config(args.config, overrides)
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
     apply_tf32(cfg.train.tf32)
-    dist, device_name = distributed.from_environment(cfg.train.device)  # torchrun: one process per rank
+    dist, device_name = distributed.from_environment(cfg.train.device, cfg.train.dist_timeout_min)  # torchrun
     stack.callback(dist.close)
     device = resolve_device(device_name)
     say = print if dist.leader else (lambda *a, **k: None)  # rank 0 alone logs and writes the run directory

@@ -87,6 +87,9 @@ class TrainConfig:
         "choices": ["none", "default", "reduce-overhead", "max-autotune"],
         "help": "torch.compile mode of the model's forward (an addition; `none` = eager). Checkpoints are the same "
                 "either way: a compiled run resumes eagerly and vice versa"})
+    dist_timeout_min: float = field(default=10.0, metadata={
+        "min": 0.01, "max": 1440.0, "help": "torchrun only: minutes a rank waits for the others at a collective "
+                                            "before stopping with one error line (a frozen or lost rank)"})
     tf32: bool = field(default=False, metadata={
         "help": "TF32 matrix products and convolutions on CUDA (an addition: faster on Ampere and newer GPUs, "
                 "about 1e-3 relative error per product; off = float32 as the paper)"})

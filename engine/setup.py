@@ -169,6 +169,14 @@ def run_cli(main) -> None:
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # torchrun: another rank died or froze (gloo / NCCL error)
+        from engine.distributed import collective_failure
+
+        message = collective_failure(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     except Terminated:
         print("\nterminated (SIGTERM) before any result was written", file=sys.stderr)
         sys.exit(143)
