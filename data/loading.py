@@ -46,6 +46,8 @@ class Split:
 
 # Files whose split sizes differ from the official ones were already reported.
 _size_warned: set[Path] = set()
+# Training splits of a single class already reported (file, size).
+_one_class_warned: set[tuple[str, int]] = set()
 # MD5 of dataset files, keyed by (path, mtime_ns, size in bytes).
 _md5_cache: dict[tuple[str, int, int], str] = {}
 
@@ -234,9 +236,10 @@ def check_split(info: DatasetInfo, split_name: str, split: Split, *, need_all_cl
             raise DataError(f"the {split_name} split of {where} has label(s) {one_sided[:10]} always 0 or always 1; "
                             f"their AUC is undefined. Use a split where every label occurs and is absent"
                             + (f", e.g. the released file (MD5 {info.md5})." if info.md5 else "."))
-    elif not need_all_classes and split.labels.dim() == 1:  # training: one class is legal but learns nothing
+    elif not need_all_classes and split_name == "train" and split.labels.dim() == 1:  # legal, learns nothing
         present = torch.unique(split.labels.detach().cpu()).tolist()
-        if len(present) == 1:
+        if len(present) == 1 and (where, len(split)) not in _one_class_warned:
+            _one_class_warned.add((where, len(split)))
             print(f"warning: the {split_name} split of {where} holds only class {int(present[0])} "
                   f"({len(split)} samples); a model trained on it can only ever predict that class", file=sys.stderr)
     elif need_all_classes:

@@ -112,6 +112,21 @@ def collective_failure(err: BaseException) -> str | None:
             f"why); stopping. Rerun the same command to resume from the last saved epoch")
 
 
+def _end_with_the_launcher() -> None:
+    """Linux: this rank gets SIGTERM (and stops as on Ctrl-C, exit 143) when its parent, the torchrun launcher,
+    dies, even by SIGKILL: no rank outlives a killed launcher."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def from_environment(device_name: str, timeout_min: float = 10.0) -> tuple[Distributed, str]:
     """(Distributed, device name) from torchrun's variables; starts the process group when WORLD_SIZE > 1.
 
@@ -122,6 +137,7 @@ def from_environment(device_name: str, timeout_min: float = 10.0) -> tuple[Distr
     if world_size <= 1:
         return Distributed.single(), device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _end_with_the_launcher()
     if device_name.startswith("cuda:"):
         from engine.config import ConfigError
 

@@ -164,3 +164,35 @@ def test_a_lost_rank_is_one_line_and_other_errors_are_left_alone(capsys, monkeyp
 
     with pytest.raises(RuntimeError, match="mat1"):
         run_cli(bug)
+
+
+def test_ranks_end_when_the_launcher_is_killed(tmp_path):
+    import signal
+    import time
+
+    args = [*TINY, "--output.dir", str(tmp_path), "--output.name", "run", "--train.epochs", "200"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    pids = {}
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:  # training started
+            time.sleep(0.2)
+        pids = _rank_pids(launcher)
+        assert len(pids) == 2
+        launcher.kill()  # SIGKILL: the launcher cannot pass anything on
+        launcher.wait()
+        deadline = time.time() + 30
+        while not all(_gone(pid) for pid in pids.values()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in pids.values())
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
