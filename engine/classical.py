@@ -239,7 +239,10 @@ def load_estimator(path: Path) -> dict:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             estimator = SavedEstimator(archive)
     except (StateError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path} is not a valid estimator file of this project: {err}") from None
+        reason = str(err)
+        if "pickle" in reason:  # never pass on numpy's advice to load it unsafely
+            reason = "it holds pickled Python objects, which this project never writes; they were not loaded"
+        raise CheckpointError(f"{path} is not a valid estimator file of this project: {reason}") from None
     meta = estimator.meta
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION or not isinstance(meta.get("dataset"), dict):
         raise CheckpointError(f"{path} is not an estimator file of this project (format {meta.get('format')!r}, "

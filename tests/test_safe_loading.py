@@ -102,9 +102,10 @@ def test_pickle_payloads_never_run_wherever_a_loader_reads(tmp_path, monkeypatch
     object_npz = buffer.getvalue()
 
     def refused(argv, match, script=predict):
-        with pytest.raises(CheckpointError, match=match):
+        with pytest.raises(CheckpointError, match=match) as err:
             script.main(argv)
         assert not marker.exists(), argv
+        assert "allow_pickle" not in str(err.value) and "unsafe" not in str(err.value)
 
     _forge(run, "model.npz", evil)  # a pickle named model.npz, its digest recorded
     refused(["baselines/logreg.json", *a], "not a valid estimator file")
