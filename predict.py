@@ -33,12 +33,17 @@ if __name__ == "__main__":  # an interrupt while the imports below run: one line
 import argparse
 import hashlib
 import io
+import os
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import DataError, check_split
+from data import DataError, check_split, data_md5
 from data.info import dims_of, size_text
 from engine import stats
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -47,7 +52,7 @@ from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.inputs import predict_inputs
 from engine.plots import ECE_BINS, MissingDependency, calibration, plot_evaluation
 from engine.protocols import original_mean, original_protocol_scores
-from engine.classical import ESTIMATOR_NAME
+from engine.classical import ESTIMATOR_NAME, OLD_ESTIMATOR_NAME
 from engine.rundir import (BEST, EVAL_DIR, INPUT_PREDICTIONS, LAST, RunDirError, SharedRunLock, atomic_write_bytes,
                            atomic_write_json, epoch_file_name)
 from engine.saver import committed_best
@@ -200,8 +205,10 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
     checkpoints, protocol = checkpoints_to_score(args, cfg)
     first = load_checkpoint(checkpoints[0][0])  # fail on a wrong checkpoint before loading any data
     check_same_task(cfg, info, first, checkpoints[0][0])
+    recorded_md5 = first["dataset"].get("md5")
     del first
     _, splits = load_data(cfg, device, splits=(split_name,))
+    warn_if_data_changed(cfg, info, recorded_md5)
     split = splits[split_name]
     check_split(info, split_name, split, need_all_classes=True)
     labels = split.labels.cpu().numpy()
@@ -218,6 +225,7 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
             torch.manual_seed(args.protocol_seed)
             scored_labels, scores = original_protocol_scores(model, split, batch_size=trained_cfg.train.batch_size,
                                                              generator=shuffle, device=device)
+            check_finite(scores, path)
             auc, acc = official_metrics(scored_labels, scores, info.task)
         else:
             # batch-dependent compat models run full batches at their training batch size (padding discarded);
@@ -226,6 +234,7 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
             scores = predict_scores(model, split, batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size,
                                     device=device, amp=trained_cfg.train.amp, desc=f"{split_name} {path.name}",
                                     full_batches=full)
+            check_finite(scores, path)
             auc, acc = official_metrics(labels, scores, info.task)
         del model
         results.append((path, epoch, auc, acc, scores))
@@ -263,12 +272,69 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
     """The results of `results` = [(path, epoch, auc, acc, scores)] in `out_dir`: the official evaluator's CSV
     (MedMNIST files), predictions.npz (of the last entry), metrics.json (AUC/ACC and the expected calibration
     error: means over the entries) and, with output.plots, roc.png, confusion.png and reliability.png of the
-    last entry's scores (engine/plots.py)."""
+    last entry's scores (engine/plots.py). Written into a temporary folder beside `out_dir`, then swapped in
+    as one unit: `out_dir` holds this prediction's files only (no CSV of an earlier one), and a failure (full
+    disk) leaves the earlier results as they were, with no partial file."""
     ci = intervals(cfg, info, labels, results)  # before anything is written
+    tmp = _fresh_folder(out_dir)
+    stage = {"what": "the results"}
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = _write_result_files(tmp, stage, cfg, info, split_name, labels, results, protocol, ci)
+        _swap_in(tmp, out_dir)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, (OSError, RunDirError)):
+            reason = (err.strerror or str(err)) if isinstance(err, OSError) else str(err).rsplit(": ", 1)[-1]
+            raise RunDirError(f"cannot write {stage['what']} of {out_dir}: {reason}; the folder was left as it "
+                              f"was") from None
+        raise
+    auc_ci, acc_ci = ("", "") if ci is None else (f" [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]",
+                                                  f" [{ci['acc'][0]:.4f}, {ci['acc'][1]:.4f}]")
+    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {metrics['auc']:.4f}{auc_ci}  "
+          f"ACC {metrics['acc']:.4f}{acc_ci}  ECE {metrics['ece']:.4f}"
+          + ("" if ci is None else f"  ({cfg.eval.ci_level:.0%} bootstrap intervals)"))
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _fresh_folder(out_dir: Path) -> Path:
+    """A new temporary folder beside `out_dir` (those a killed prediction left over an hour ago are removed)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+            if old.is_dir() and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     except OSError as err:
         raise RunDirError(f"cannot create {out_dir}: {err.strerror or err}") from None
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `tmp` (two renames; the earlier folder is deleted once the new one is in place)."""
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; results are ordinary folders
+    old = None
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old.", suffix=".tmp"))
+        os.rename(out_dir, old / out_dir.name)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old / out_dir.name, out_dir)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_result_files(out_dir: Path, stage: dict, cfg, info, split_name, labels, results, protocol,
+                        ci: dict | None) -> dict:
     auc = float(np.mean([r[2] for r in results]))  # mean over k checkpoints, divided by k
     acc = float(np.mean([r[3] for r in results]))
     scores = results[-1][4]
@@ -278,8 +344,10 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
         evaluator = Evaluator(info.name, split_name, size=info.size, root=str(info.path.parent))
         if not np.array_equal(evaluator.labels.reshape(len(labels), -1)[:, 0], labels.reshape(len(labels), -1)[:, 0]):
             raise DataError(f"the labels of {info.path} differ between medmnist's reader and ours")
+        stage["what"] = "the official evaluator's CSV"
         for _, epoch, _, _, epoch_scores in results:
             evaluator.evaluate(epoch_scores, save_folder=str(out_dir), run=f"{cfg.run_dir.name}-epoch{epoch}")
+    stage["what"] = "predictions.npz"
     buffer = io.BytesIO()
     np.savez(buffer, y_true=labels, y_score=scores)
     atomic_write_bytes(buffer.getvalue(), out_dir / "predictions.npz")
@@ -292,19 +360,34 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
                "n_samples": int(len(labels)), "dataset": info.name, "size": info.size}
     if ci is not None:
         metrics.update(auc_ci=ci["auc"], acc_ci=ci["acc"], ci={k: v for k, v in ci.items() if k not in ("auc", "acc")})
+    stage["what"] = "metrics.json"
     atomic_write_json(metrics, out_dir / "metrics.json")
-    auc_ci, acc_ci = ("", "") if ci is None else (f" [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]",
-                                                  f" [{ci['acc'][0]:.4f}, {ci['acc'][1]:.4f}]")
-    print(f"{info.name} {split_name} ({len(labels)} samples, {protocol}): AUC {auc:.4f}{auc_ci}  ACC {acc:.4f}{acc_ci}  "
-          f"ECE {metrics['ece']:.4f}" + ("" if ci is None else f"  ({cfg.eval.ci_level:.0%} bootstrap intervals)"))
     if cfg.output.plots:  # of the scores in predictions.npz (the last checkpoint of --last-k)
+        stage["what"] = "the plots"
         try:
             plot_evaluation(out_dir, labels, scores, info.task, f"{info.name} {split_name} (n = {len(labels)})",
                             info.label_names)
         except MissingDependency as err:
             print(f"note: no roc.png, confusion.png, reliability.png: {err}")
-    print(f"wrote {out_dir}")
-    return 0
+    return metrics
+
+
+def check_finite(scores: np.ndarray, path: Path) -> None:
+    """Refuse scores holding NaN or inf (a checkpoint whose weights diverged) before the evaluator sees them."""
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64)).all(axis=tuple(range(1, np.ndim(scores))))
+    if bad.any():
+        raise CheckpointError(f"{path} gives NaN or infinite scores for {int(bad.sum())} of {len(bad)} samples: "
+                              f"its weights hold NaN/inf (a diverged run?); score another checkpoint")
+
+
+def warn_if_data_changed(cfg, info, recorded_md5) -> None:
+    """One warning line when the data file is not the one the checkpoint was trained on (its MD5 differs)."""
+    if not recorded_md5:
+        return
+    md5 = data_md5(cfg.data.name, root=cfg.data.root, size=cfg.data.size)
+    if md5 is not None and md5 != recorded_md5:
+        print(f"warning: {info.path} has MD5 {md5}, but the model was trained on a file with MD5 {recorded_md5}: "
+              f"the data changed since training", file=sys.stderr)
 
 
 def intervals(cfg, info, labels: np.ndarray, results: list) -> dict | None:
@@ -326,12 +409,13 @@ def _is_classical_run(args, cfg) -> bool:
     if is_classical(cfg.model):
         return True
     if args.checkpoint is not None:
-        return Path(args.checkpoint).suffix == ".joblib"
-    return not (cfg.run_dir / BEST).exists() and (cfg.run_dir / ESTIMATOR_NAME).is_file()
+        return Path(args.checkpoint).suffix in (".npz", ".joblib")
+    return not (cfg.run_dir / BEST).exists() and any(
+        (cfg.run_dir / name).is_file() for name in (ESTIMATOR_NAME, OLD_ESTIMATOR_NAME))
 
 
 def _evaluate_classical(args, cfg, split_name: str, info) -> int:
-    """Score the run's fitted scikit-learn estimator (its SHA-256 checked before unpickling) like a best.pt."""
+    """Score the run's fitted scikit-learn estimator (arrays only, its SHA-256 checked) like a best.pt."""
     from engine import classical
 
     if args.last_k is not None or cfg.eval.last_k > 0:
@@ -346,7 +430,9 @@ def _evaluate_classical(args, cfg, split_name: str, info) -> int:
     split = splits[split_name]
     check_split(info, split_name, split, need_all_classes=True)
     labels = split.labels.cpu().numpy()
+    warn_if_data_changed(cfg, info, payload["dataset"].get("md5"))
     scores = classical.predict_proba(payload, split)
+    check_finite(scores, path)
     auc, acc = official_metrics(labels, scores, info.task)
     print(f"{path}: {payload['model']}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
     if path.expanduser().resolve() == own.expanduser().resolve():

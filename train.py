@@ -158,7 +158,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     cfg = load_config(args.config, overrides)
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
     apply_tf32(cfg.train.tf32)
-    dist, device_name = distributed.from_environment(cfg.train.device)  # torchrun: one process per rank
+    dist, device_name = distributed.from_environment(cfg.train.device, cfg.train.dist_timeout_min)  # torchrun
     stack.callback(dist.close)
     device = resolve_device(device_name)
     if dist.enabled and (is_classical(cfg.model) or uses_full_batches(cfg.model)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 import zipfile
 import zlib
@@ -45,6 +46,8 @@ class Split:
 
 # Files whose split sizes differ from the official ones were already reported.
 _size_warned: set[Path] = set()
+# Training splits of a single class already reported (file, size).
+_one_class_warned: set[tuple[str, int]] = set()
 # MD5 of dataset files, keyed by (path, mtime_ns, size in bytes).
 _md5_cache: dict[tuple[str, int, int], str] = {}
 
@@ -61,7 +64,15 @@ def _missing_file_error(info: DatasetInfo) -> DataError:
 def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
     reason = f"{type(error).__name__}: {error}"
     if "pickle" in str(error):  # never pass on numpy's advice to load pickled data unsafely
-        reason = "it holds pickled Python objects, which a MedMNIST file never does; they were not loaded"
+        try:
+            with open(info.path, "rb") as f:
+                head = f.read(2)
+        except OSError:
+            head = b""
+        if head[:1] == b"\x80":  # the opcode every pickle of protocol 2 or later starts with
+            reason = "it holds pickled Python objects, which a MedMNIST file never does; they were not loaded"
+        else:  # numpy tries the pickle reader on anything that is neither a zip archive nor a .npy file
+            reason = f"it is not a valid .npz (zip) file: it starts with {head!r}, not with a zip archive's b'PK'"
     return DataError(
         f"Cannot read {info.path} as a MedMNIST .npz file ({reason}). "
         f"The file is probably corrupt or truncated: delete it and download it again "
@@ -225,6 +236,12 @@ def check_split(info: DatasetInfo, split_name: str, split: Split, *, need_all_cl
             raise DataError(f"the {split_name} split of {where} has label(s) {one_sided[:10]} always 0 or always 1; "
                             f"their AUC is undefined. Use a split where every label occurs and is absent"
                             + (f", e.g. the released file (MD5 {info.md5})." if info.md5 else "."))
+    elif not need_all_classes and split_name == "train" and split.labels.dim() == 1:  # legal, learns nothing
+        present = torch.unique(split.labels.detach().cpu()).tolist()
+        if len(present) == 1 and (where, len(split)) not in _one_class_warned:
+            _one_class_warned.add((where, len(split)))
+            print(f"warning: the {split_name} split of {where} holds only class {int(present[0])} "
+                  f"({len(split)} samples); a model trained on it can only ever predict that class", file=sys.stderr)
     elif need_all_classes:
         present = sorted(int(c) for c in torch.unique(split.labels.detach().cpu()).tolist())
         missing = [c for c in range(info.num_classes) if c not in present]

@@ -24,12 +24,13 @@ as for the deep models.
 * Resume: there is no partial state. A run interrupted before `train_summary.json` was written is fitted
   again from the start by rerunning the same command (seconds to minutes); a finished run is left alone.
 
-Saving and trust: the fitted pipeline is pickled with joblib into `model.joblib` (written atomically),
-then its SHA-256 goes into `train_summary.json` (written after it). Unpickling runs code, so
-`load_estimator` reads the file once, checks its SHA-256 against that record and only then unpickles:
-a file that train.py did not write for this run (swapped, corrupted, truncated, edited) is refused.
-The record sits in the same folder, so this guards against accidents and foreign files, not against
-someone who can write to the run directory: load only run directories you trust.
+Saving and trust: the fitted pipeline is saved as numbers only (model/classical_state.py): `model.npz`
+holds the scaler's statistics, the coefficients or every tree's node arrays, and its metadata as JSON text;
+it is read with `allow_pickle=False` and evaluated with NumPy, so loading it cannot run code whatever the
+folder holds. It is written atomically, then its SHA-256 goes into `train_summary.json` (written after
+it); `load_estimator` checks that record, so a file swapped for another run's, edited or truncated is
+refused. Runs saved by older versions as a pickle (`model.joblib`) are never unpickled: they are refused
+with a message to fit them again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 import math
 import sys
 import time
@@ -53,10 +55,12 @@ from engine.config import Config, ConfigError, config_to_dict
 from engine.evaluate import official_metrics
 from engine.rundir import CONFIG_JSON, TRAIN_SUMMARY, RunDirectory, Terminated, atomic_write_bytes, atomic_write_json
 from engine.setup import load_data, seed_everything
+from model.classical_state import SavedEstimator, StateError, export_state, state_bytes
 
-ESTIMATOR_NAME = "model.joblib"
+ESTIMATOR_NAME = "model.npz"
+OLD_ESTIMATOR_NAME = "model.joblib"  # pickles of older versions: refused, never loaded
 FORMAT = "lmttm-classical-estimator"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHUNK = 10  # hgb: boosting iterations grown between two checks of the early-stopping rule
 
 
@@ -203,34 +207,54 @@ def _read_summary(run_dir: Path) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _refuse_old(path: Path) -> None:
+    raise CheckpointError(f"{path} is a pickle saved by an older version of this project; it is not loaded "
+                          f"(unpickling a file can run code). Fit the run again: python train.py <config> --restart")
+
+
 def load_estimator(path: Path) -> dict:
-    """The saved payload of `path` (a model.joblib), unpickled only if its SHA-256 is the one train.py
-    recorded in train_summary.json beside it. Raises CheckpointError otherwise."""
+    """The saved estimator of `path` (a model.npz) as a payload dict ("pipeline": a SavedEstimator), loaded
+    only if its SHA-256 is the one train.py recorded in train_summary.json beside it. Nothing on this path
+    unpickles: the arrays are read with allow_pickle=False. Raises CheckpointError otherwise."""
     path = Path(path)
+    if path.suffix == ".joblib" or (path.name == ESTIMATOR_NAME and not path.exists()
+                                    and (path.parent / OLD_ESTIMATOR_NAME).exists()):
+        _refuse_old(path if path.suffix == ".joblib" else path.parent / OLD_ESTIMATOR_NAME)
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; train the run first (python train.py <config>)")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path} {what}; train the run first (python train.py <config>)")
     summary = _read_summary(path.parent)
     if not summary or not summary.get("finished") or not summary.get("estimator_sha256"):
         raise CheckpointError(f"{path.parent} has no finished {TRAIN_SUMMARY} recording the estimator's SHA-256; "
-                              f"refusing to unpickle {path.name} (rerun train.py to fit it)")
+                              f"not loading {path.name} (rerun train.py to fit it)")
     try:
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     if sha256(data) != summary["estimator_sha256"] or summary.get("estimator") != path.name:
         raise CheckpointError(f"{path} is not the estimator train.py saved for this run (its SHA-256 differs from the "
-                              f"one in {path.parent / TRAIN_SUMMARY}); refusing to unpickle it "
-                              f"(joblib files run code when loaded). Use --restart to fit the run again")
-    import joblib
-
+                              f"one in {path.parent / TRAIN_SUMMARY}); not loading it. Use --restart to "
+                              f"fit the run again")
     try:
-        payload = joblib.load(io.BytesIO(data))
-    except Exception as err:  # noqa: BLE001 - a recorded file that still does not load (another sklearn version)
-        raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {err} (saved with scikit-learn "
-                              f"{(summary.get('versions') or {}).get('scikit-learn')})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an estimator file of this project")
-    return payload
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            estimator = SavedEstimator(archive)
+    except (StateError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = str(err)
+        if "pickle" in reason:  # never pass on numpy's advice to load it unsafely
+            reason = "it holds pickled Python objects, which this project never writes; they were not loaded"
+        raise CheckpointError(f"{path} is not a valid estimator file of this project: {reason}") from None
+    meta = estimator.meta
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION or not isinstance(meta.get("dataset"), dict):
+        raise CheckpointError(f"{path} is not an estimator file of this project (format {meta.get('format')!r}, "
+                              f"version {meta.get('version')!r})")
+    data_meta, pool = meta["dataset"], meta.get("pool")
+    size, k = data_meta.get("size"), data_meta.get("num_classes")
+    if not (type(pool) is int and type(size) is int and type(k) is int and 0 < pool <= size and size % pool == 0
+            and estimator.n_features == (size // pool) ** 3 and estimator.classes_.min() >= 0
+            and estimator.classes_.max() < k and isinstance(data_meta.get("name"), str)):
+        raise CheckpointError(f"{path} is not a valid estimator file of this project: its dataset, pool and "
+                              f"arrays do not fit together")
+    return {**meta, "pipeline": estimator}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,15 +347,12 @@ def _fit_and_save(cfg: Config, run_dir: Path, info, md5, x_train, y_train, x_val
             pipe, selection, val_auc, val_acc = fit_hgb(x_train, y_train, x_val, y_val, mcfg, seed=cfg.train.seed,
                                                         num_classes=info.num_classes, task=info.task)
         seconds = time.time() - t0
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.model_name, "pipeline": pipe,
-                   "pool": mcfg.pool, "config": config_to_dict(cfg),
-                   "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
-                               "task": info.task, "md5": md5}}
-        import joblib
-
-        buffer = io.BytesIO()
-        joblib.dump(payload, buffer)
-        data = buffer.getvalue()
+        arrays, described = export_state(pipe)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": cfg.model_name, **described,
+                "pool": mcfg.pool, "config": config_to_dict(cfg),
+                "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
+                            "task": info.task, "md5": md5}}
+        data = state_bytes(arrays, meta)
         atomic_write_bytes(data, run_dir / ESTIMATOR_NAME)
         summary = {"finished": True, "epochs": 1, "best_epoch": 1, "best_val_auc": val_auc, "best_val_acc": val_acc,
                    "param_count": learned_numbers(pipe), "data_md5": md5, "versions": package_versions(),

@@ -66,13 +66,13 @@ class TrainConfig:
     optimizer: str = field(default="adam", metadata={"choices": ["adam", "adamw", "sgd"], "help": "optimizer"})
     lr: float = field(default=1e-4, metadata={"min": 0.0, "help": "learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"min": 0.0, "help": "weight decay (original code; not in the paper)"})
-    momentum: float = field(default=0.9, metadata={"min": 0.0, "help": "SGD momentum (sgd only)"})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0, "help": "SGD momentum, in [0, 1] (sgd only)"})
     scheduler: str = field(default="none", metadata={
         "choices": ["none", "multistep"],
         "help": "`multistep` multiplies the lr by `gamma` at each fraction of `milestones` (MedMNIST baseline recipe)"})
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75], metadata={
         "help": "fractions of the epochs at which `multistep` decays the lr"})
-    gamma: float = field(default=0.1, metadata={"min": 0.0, "help": "lr factor of `multistep`"})
+    gamma: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "lr factor of `multistep`, in [0, 1] (a decay)"})
     seed: int = field(default=3407, metadata={
         "min": 0, "max": 2**32 - 1, "help": "seed of weights, shuffling, dropout and noise"})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."})
@@ -87,6 +87,9 @@ class TrainConfig:
         "choices": ["none", "default", "reduce-overhead", "max-autotune"],
         "help": "torch.compile mode of the model's forward (an addition; `none` = eager). Checkpoints are the same "
                 "either way: a compiled run resumes eagerly and vice versa"})
+    dist_timeout_min: float = field(default=10.0, metadata={
+        "min": 0.01, "max": 1440.0, "help": "torchrun only: minutes a rank waits for the others at a collective "
+                                            "before stopping with one error line (a frozen or lost rank)"})
     tf32: bool = field(default=False, metadata={
         "help": "TF32 matrix products and convolutions on CUDA (an addition: faster on Ampere and newer GPUs, "
                 "about 1e-3 relative error per product; off = float32 as the paper)"})
@@ -400,6 +403,9 @@ def parse_overrides(args: list[str]) -> dict:
         section, _, name = key.partition(".")
         if not name or "." in name:
             raise ConfigError(f"cannot read override {arg!r}; write overrides as --section.key value")
+        if name in out.get(section, {}):  # as a key repeated in a JSON file: refused, not "the last one wins"
+            raise ConfigError(f"--{key} is given twice on the command line ({json.dumps(out[section][name])} and "
+                              f"{value}); give it once")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:

@@ -18,6 +18,11 @@
 - dropout and memory noise draw different numbers on every rank: each rank's RNG is reseeded at every epoch
   from (train.seed, epoch, rank), which also makes a resumed torchrun run exact;
 - NCCL on CUDA (device cuda:LOCAL_RANK), gloo on the CPU.
+
+Failures: a rank that dies (killed, out of memory) makes the others' next collective fail, and a rank that
+freezes (stopped, hung) makes them wait `train.dist_timeout_min` minutes (default 10: far more than any
+wait at a barrier while rank 0 evaluates); either way every surviving rank stops with one `error:` line
+(`collective_failure`, printed by engine.setup.run_cli) and exit code 1 instead of gloo's traceback.
 """
 
 from __future__ import annotations
@@ -90,15 +95,49 @@ class Distributed:
             torch_dist.destroy_process_group()
 
 
-def from_environment(device_name: str) -> tuple[Distributed, str]:
+def collective_failure(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or froze; None for any other error."""
+    if not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    if not (isinstance(err, getattr(torch_dist, "DistError", ())) or any(w in text for w in ("gloo", "NCCL", "c10d"))):
+        return None
+    where = f"torchrun rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"{where}: another rank did not answer within train.dist_timeout_min minutes (frozen, stopped or "
+                f"hung?); stopping. Rerun the same command to resume from the last saved epoch")
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    detail = detail.split("] ", 1)[-1][:160]  # without gloo's source location
+    return (f"{where}: lost contact with another rank ({detail}): it died or was killed (its own output says "
+            f"why); stopping. Rerun the same command to resume from the last saved epoch")
+
+
+def _end_with_the_launcher() -> None:
+    """Linux: this rank gets SIGTERM (and stops as on Ctrl-C, exit 143) when its parent, the torchrun launcher,
+    dies, even by SIGKILL: no rank outlives a killed launcher."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def from_environment(device_name: str, timeout_min: float = 10.0) -> tuple[Distributed, str]:
     """(Distributed, device name) from torchrun's variables; starts the process group when WORLD_SIZE > 1.
 
     Under torchrun `train.device` `auto` or `cuda` means this rank's GPU, cuda:LOCAL_RANK (NCCL), and `cpu`
-    runs gloo on the CPU; an explicit `cuda:N` is refused (each rank needs its own GPU)."""
+    runs gloo on the CPU; an explicit `cuda:N` is refused (each rank needs its own GPU). A collective waits
+    at most `timeout_min` minutes for the other ranks (`train.dist_timeout_min`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed.single(), device_name
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _end_with_the_launcher()
     if device_name.startswith("cuda:"):
         from engine.config import ConfigError
 
@@ -111,5 +150,5 @@ def from_environment(device_name: str) -> tuple[Distributed, str]:
     else:
         device_name = "cpu"
     torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                  timeout=datetime.timedelta(minutes=30))
+                                  timeout=datetime.timedelta(minutes=timeout_min))
     return Distributed(rank, world_size, local_rank), device_name

@@ -24,9 +24,12 @@ Preprocessing (`preprocess`), the MedMNIST recipe:
 4. quantised like the MedMNIST files, `round(255 x)` as uint8, and fed to the model as uint8 / 255, exactly
    as predict.py feeds MedMNIST splits: a volume taken from a MedMNIST file (0..255, every volume spans the
    full range) passes unchanged and gets the same probabilities as predict.py gives it.
+All of it in float32 (a `.npy` is memory-mapped and converted slab by slab): a large volume costs about one
+float32 copy of itself (2 GiB for 800³), never a float64 one.
 
-A file that cannot be used (unreadable, empty, NaN or Inf values, wrong number of axes, several channels)
-gets a one-line reason in the CSV's `error` column and on stderr; the other files are still scored, and the
+A file that cannot be used (unreadable, empty, not a regular file such as a FIFO or /dev/zero, NaN or Inf
+or complex values, wrong number of axes, an axis of length 1, several channels, not enough memory) gets a
+one-line reason in the CSV's `error` column and on stderr; the other files are still scored, and the
 exit code is 1 if any file failed (0 otherwise; 2 for a bad config or checkpoint, as predict.py).
 """
 
@@ -78,6 +81,8 @@ def collect(paths, dims: int) -> list[Item]:
             items += [Item(str(p)) for p in found]
         elif path.is_file():
             items.append(Item(str(given)))
+        elif path.exists():  # a FIFO, a device such as /dev/zero, a socket: never read (it may not end)
+            items.append(Item(str(given), error="not a regular file (a FIFO, device or socket); give a file"))
         else:
             items.append(Item(str(given), error="no such file or folder"))
     return items
@@ -94,10 +99,10 @@ def read_array(path: str | Path) -> np.ndarray:
             import nibabel
 
             image = nibabel.as_closest_canonical(nibabel.load(str(path)))
-            data = np.asarray(image.get_fdata(dtype=np.float64))
+            data = np.asarray(image.get_fdata(dtype=np.float32))  # float32: an 800³ volume is 2 GB, not 4
             return np.transpose(data, (2, 1, 0, *range(3, data.ndim))) if data.ndim >= 3 else data  # RAS -> SAR
-        if kind == ".npy":
-            return np.load(path, allow_pickle=False)
+        if kind == ".npy":  # memory-mapped: preprocess reads it slab by slab
+            return np.load(path, mmap_mode="r", allow_pickle=False)
         if kind == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 names = list(archive.files)
@@ -136,18 +141,35 @@ def _grey_or_rgb(array: np.ndarray, in_channels: int) -> np.ndarray:
     return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]  # RGB -> grey (ITU-R 601 luma)
 
 
-def preprocess(array: np.ndarray, *, dims: int, size: int, in_channels: int = 1,
-               window: tuple[float, float] | None = None) -> np.ndarray:
-    """uint8 (C, size, size[, size]) as MedMNIST stores it (module docstring); InputError if unusable."""
-    array = np.asarray(array)
-    if array.size == 0:
-        raise InputError(f"empty array (shape {tuple(array.shape)})")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise InputError(f"holds {array.dtype} values, not numbers")
-    x = array.astype(np.float64)
-    bad = int(np.count_nonzero(~np.isfinite(x)))
+SLAB = 16  # volume slices converted and checked at a time (bounded temporaries for large volumes)
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """A float32 copy of `array`, converted slab by slab along axis 0; InputError on NaN or Inf values."""
+    x = np.empty(array.shape, dtype=np.float32)
+    bad = 0
+    for start in range(0, max(array.shape[0], 1), SLAB):
+        slab = x[start:start + SLAB]
+        slab[...] = array[start:start + SLAB]
+        bad += int(np.count_nonzero(~np.isfinite(slab)))
     if bad:
         raise InputError(f"contains {bad} NaN or Inf value{'s' if bad > 1 else ''}")
+    return x
+
+
+def preprocess(array: np.ndarray, *, dims: int, size: int, in_channels: int = 1,
+               window: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 (C, size, size[, size]) as MedMNIST stores it (module docstring); InputError if unusable.
+    Works in float32, in place where it can: the peak memory is about one float32 copy of the input."""
+    if array.size == 0:
+        raise InputError(f"empty array (shape {tuple(array.shape)})")
+    if np.iscomplexobj(array):
+        raise InputError(f"holds complex values ({array.dtype}); save a real array, e.g. the magnitude (np.abs)")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise InputError(f"holds {array.dtype} values, not numbers")
+    if array.ndim == 0:
+        raise InputError("is a single number, not an image or a volume")
+    x = _as_float32(array)
     if dims == 3:
         if x.ndim == 4 and 1 in (x.shape[0], x.shape[-1]):
             x = x[..., 0] if x.shape[-1] == 1 else x[0]
@@ -158,17 +180,25 @@ def preprocess(array: np.ndarray, *, dims: int, size: int, in_channels: int = 1,
             raise InputError(f"is {x.ndim}-D with shape {tuple(x.shape)}; a 3-D model needs a volume (3 axes)")
         x = x[None]
     else:
-        x = _grey_or_rgb(x, in_channels)
+        x = _grey_or_rgb(x, in_channels).astype(np.float32, copy=False)
+    if min(x.shape[1:]) < 2:
+        raise InputError(f"has shape {tuple(array.shape)}: an axis of length 1 is no {'volume' if dims == 3 else 'image'}; "
+                         f"the model needs at least 2 voxels along each of its {dims} axes")
     if window is not None:
         low, high = window
-        x = (np.clip(x, low, high) - low) / (high - low)
+        np.clip(x, low, high, out=x)
     else:
-        low, high = x.min(), x.max()
-        x = (x - low) / (high - low) if high > low else np.zeros_like(x)
+        low, high = float(x.min()), float(x.max())
+    if high > low:
+        x -= np.float32(low)
+        x /= np.float32(high - low)
+    else:
+        x[...] = 0
     target = (size,) * dims
-    if x.shape[1:] != target:
+    if x.shape[1:] != target:  # interpolate reads the float32 array in place: only the small output is new
         mode = "trilinear" if dims == 3 else "bilinear"
-        x = F.interpolate(torch.from_numpy(x)[None], size=target, mode=mode, align_corners=False)[0].numpy()
+        x = F.interpolate(torch.from_numpy(np.ascontiguousarray(x))[None], size=target, mode=mode,
+                          align_corners=False)[0].numpy()
     return np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
 
 
@@ -196,6 +226,10 @@ def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = F
                                     window=window)
         except InputError as err:
             item.error = str(err)
+        except MemoryError:  # this file only: the others are still scored
+            item.error = "not enough memory to read and preprocess it"
+        except Exception as err:  # noqa: BLE001 - any other failure is this file's error row, not a lost call
+            item.error = f"cannot preprocess it: {type(err).__name__}: {str(err).strip()[:200]}"
     good = [item for item in items if item.error is None]
     scores = None
     if good:  # placeholder labels of the task's shape ((N,) or (N, L)) select the engine's softmax or sigmoid

@@ -30,7 +30,7 @@ METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "keep_last_k"), ("data", "root"),
                      ("data", "download"), ("data", "device_cache"), ("eval", "batch_size"), ("eval", "split"),
                      ("eval", "last_k"), ("eval", "ci_resamples"), ("eval", "ci_level"), ("train", "compile"),
-                     ("train", "tf32")}
+                     ("train", "tf32"), ("train", "dist_timeout_min")}
 EPOCH_FILE_KEYS = ("model", "epoch", "config", "dataset", "versions")  # what an epoch_NNNN.pt keeps
 
 

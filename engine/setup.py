@@ -115,6 +115,9 @@ def load_data(cfg: Config, device: torch.device, splits=("train", "val", "test")
     info = dataset_for(cfg)
     loaded = load_splits(cfg.data.name, root=cfg.data.root, size=cfg.data.size, download=cfg.data.download,
                          splits=splits)
+    if cfg.train.amp and device.type != "cuda" and "train" in splits and not getattr(cfg.model, "classical", False):
+        print(f"warning: train.amp is true but training runs on the {device.type}: bfloat16 autocast is used on "
+              f"CUDA only, so train.amp is ignored (float32)", file=sys.stderr)
     if cfg.data.device_cache:
         loaded = {name: split.to(device) for name, split in loaded.items()}
     return info, loaded
@@ -128,6 +131,14 @@ def model_from_config(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
                            input_size=info.size, **dataclasses.asdict(cfg.model))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model {cfg.model_name} cannot be built for {info.name} ({info.size_text}): {err}") from None
+    except (MemoryError, RuntimeError) as err:  # RuntimeError: torch's "can't allocate memory" (CPU allocator)
+        if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+            raise
+        sizes = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg.model).items()
+                          if isinstance(v, (int, list)) and not isinstance(v, bool))
+        detail = str(err).strip().splitlines()[-1][:200] if str(err).strip() else "MemoryError"
+        raise ConfigError(f"model {cfg.model_name} is too big to build in memory ({sizes}): {detail}. "
+                          f"Choose smaller model sizes") from None
 
 
 def check_dims(model_name: str, info: DatasetInfo) -> None:
@@ -158,6 +169,14 @@ def run_cli(main) -> None:
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # torchrun: another rank died or froze (gloo / NCCL error)
+        from engine.distributed import collective_failure
+
+        message = collective_failure(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     except Terminated:
         print("\nterminated (SIGTERM) before any result was written", file=sys.stderr)
         sys.exit(143)

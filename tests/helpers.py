@@ -63,3 +63,18 @@ def write_fake_2d(root: str | Path, name: str, size: int = 28, n=(24, 12, 12), s
     info.path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(info.path, **arrays)
     return info.path
+
+
+def override_args(defaults: Sequence[str], *extra: str) -> list[str]:
+    """Command-line overrides `defaults` then `extra`, leaving out of `defaults` every key `extra` sets (the
+    command line refuses a key given twice, as a JSON file does)."""
+    given = {a.split("=")[0] for a in extra if a.startswith("--")}
+    out, i = [], 0
+    while i < len(defaults):
+        key = defaults[i].split("=")[0]
+        if defaults[i].startswith("--") and key in given:
+            i += 1 if "=" in defaults[i] else 2
+            continue
+        out.append(defaults[i])
+        i += 1
+    return [*out, *extra]

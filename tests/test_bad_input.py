@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import override_args
 
 import predict
 import train
@@ -47,7 +48,7 @@ SAFE = ["--model.dim", "16", "--model.memory_tokens", "16", "--model.heads", "2"
 
 def train_error(tmp_path, monkeypatch, capsys, config, *argv) -> str:
     monkeypatch.chdir(tmp_path)  # a run directory, if any were made, would land in tmp_path/runs
-    return cli_error(train.main, [config, "--output.dir", str(tmp_path / "runs"), *SAFE, *argv], capsys)
+    return cli_error(train.main, [config, *override_args(["--output.dir", str(tmp_path / "runs"), *SAFE], *argv)], capsys)
 
 
 def write_json(path: Path, content) -> str:

@@ -55,7 +55,7 @@ def test_logreg_synthetic_end_to_end_and_rerun(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("only train.seed is used") == 1  # the ignored train.* keys, said once
     run = tmp_path / "lr"
-    assert {p.name for p in run.iterdir()} >= {"config.json", "model.joblib", "train_summary.json"}
+    assert {p.name for p in run.iterdir()} >= {"config.json", "model.npz", "train_summary.json"}
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
     s = summary(run)
     assert s["finished"] is True and s["epochs"] == s["best_epoch"] == 1
@@ -80,11 +80,11 @@ def test_logreg_synthetic_end_to_end_and_rerun(tmp_path, capsys):
     assert val["auc"] == pytest.approx(s["best_val_auc"], abs=1e-12)
 
     # rerunning a finished run does nothing; another config on it is refused; removing the summary refits
-    mtime = (run / "model.joblib").stat().st_mtime_ns
+    mtime = (run / "model.npz").stat().st_mtime_ns
     capsys.readouterr()
     assert train.main(["baselines/logreg.json", *a]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert (run / "model.joblib").stat().st_mtime_ns == mtime
+    assert (run / "model.npz").stat().st_mtime_ns == mtime
     with pytest.raises(CheckpointError, match="another config.*model"):
         train.main(["baselines/logreg.json", *a, "--model.max_iter", "50"])
     (run / "train_summary.json").unlink()  # as after a kill before the commit: the rerun fits again
@@ -208,16 +208,16 @@ def test_estimator_files_train_py_did_not_write_are_refused(tmp_path):
     assert train.main(["baselines/logreg.json", *a]) == 0
     b = args(tmp_path, "two", "--data.name", "synthetic3d", "--model.pool", "7", "--model.c_grid", "[1.0]")
     assert train.main(["baselines/logreg.json", *b]) == 0
-    one, two = tmp_path / "one" / "model.joblib", tmp_path / "two" / "model.joblib"
+    one, two = tmp_path / "one" / "model.npz", tmp_path / "two" / "model.npz"
     original = one.read_bytes()
 
     one.write_bytes(original + b"\0")  # altered
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="not the estimator train.py saved"):
         predict.main(["baselines/logreg.json", *a])
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="not the estimator train.py saved"):
         train.main(["baselines/logreg.json", *a])  # a rerun does not pass over it silently either
     one.write_bytes(two.read_bytes())  # a valid estimator, but not this run's
-    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+    with pytest.raises(CheckpointError, match="not the estimator train.py saved"):
         predict.main(["baselines/logreg.json", *a])
     one.write_bytes(original)
     (tmp_path / "one" / "train_summary.json").unlink()  # no record: not loaded

@@ -131,3 +131,48 @@ def test_readme_lists_every_config_key():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("<!-- config-keys:start -->")[1].split("<!-- config-keys:end -->")[0]
     assert section.strip() == describe_config().strip(), "README is stale: regenerate it from describe_config()"
+
+
+def test_a_key_repeated_on_the_command_line_is_refused():
+    with pytest.raises(ConfigError, match=r"--train.lr is given twice on the command line \(1 and 2\)"):
+        parse_overrides(["--train.lr", "1", "--train.lr", "2"])
+    with pytest.raises(ConfigError, match="given twice"):
+        load_config("base.json", ["--model.dim=64", "--model.dim", "64"])
+    assert parse_overrides(["--train.lr", "1", "--eval.batch_size", "2"]) == {"train": {"lr": 1}, "eval": {"batch_size": 2}}
+
+
+@pytest.mark.parametrize("key", ["momentum", "gamma"])
+def test_momentum_and_gamma_are_at_most_one(key):
+    assert getattr(load_config("base.json", [f"--train.{key}", "1"]).train, key) == 1
+    with pytest.raises(ConfigError, match=f"train.{key} = 1.5 is above its maximum 1.0"):
+        load_config("base.json", [f"--train.{key}", "1.5"])
+
+
+def test_amp_on_the_cpu_is_said_to_be_ignored(capsys):
+    import torch
+
+    from engine.setup import load_data
+
+    cfg = load_config("demo.json", ["--train.amp", "true"])
+    load_data(cfg, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert "train.amp is ignored" in err and err.count("\n") == 1
+    load_data(load_config("demo.json"), torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_model_too_big_for_memory_is_a_config_error(monkeypatch):
+    from engine import setup
+
+    def out_of_memory(*args, **kwargs):  # what torch's CPU allocator raises for a huge tensor
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 160000000000 bytes.")
+
+    cfg = load_config("demo.json", ["--model.dim", "200000"])
+    monkeypatch.setattr(setup, "build_model", out_of_memory)
+    with pytest.raises(ConfigError, match=r"model lmttm is too big to build in memory \(.*dim=200000.*\): .*"
+                                          r"160000000000 bytes"):
+        setup.model_from_config(cfg, dataset_for(cfg))
+    monkeypatch.setattr(setup, "build_model", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(ConfigError, match="too big to build in memory"):
+        setup.model_from_config(cfg, dataset_for(cfg))

@@ -418,3 +418,22 @@ def test_synthetic_class_is_written_along_depth():
     area = torch.stack([(v[v.amax(dim=(1, 2)).argmax()] > 100).sum() for v in volumes]).float()
     means = torch.stack([area[split.labels == c].mean() for c in range(3)])
     assert (means.max() / means.min()).item() < 1.15
+
+
+def test_text_file_named_npz_is_not_called_a_pickle(tmp_path):
+    (tmp_path / "adrenalmnist3d.npz").write_text("not an archive\n")
+    with pytest.raises(DataError) as err:
+        load_splits("adrenalmnist3d", root=tmp_path, download=False)
+    assert "not a valid .npz (zip) file" in str(err.value) and "pickle" not in str(err.value)
+
+
+def test_single_class_training_split_warns(tmp_path, capsys):
+    from data import check_split
+
+    info = dataset_info("adrenalmnist3d", root=tmp_path)
+    images = torch.zeros((5, 1, 28, 28, 28), dtype=torch.uint8)
+    check_split(info, "train", Split(images, torch.tensor([0, 1, 0, 0, 1])), need_all_classes=False)
+    assert capsys.readouterr().err == ""
+    check_split(info, "train", Split(images, torch.ones(5, dtype=torch.long)), need_all_classes=False)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the train split") and "only class 1" in err and err.count("\n") == 1

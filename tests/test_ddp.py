@@ -85,3 +85,114 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path):
     a, b = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "resumed" / "last.pt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+
+
+def _rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its children with RANK in their environment)."""
+    out = {}
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        try:
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if "RANK" in env:
+            out[int(env["RANK"])] = int(child)
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] in "ZX"
+    except (OSError, IndexError):
+        return True
+
+
+def test_a_frozen_rank_stops_the_other_with_one_line(tmp_path):
+    """Rank 1 stopped (SIGSTOP) after epoch 1: rank 0 gives up after train.dist_timeout_min (0.05 min here), not
+    gloo's 30 minutes, with one error line and no traceback of its own."""
+    import signal
+    import time
+
+    args = [*TINY, "--output.dir", str(tmp_path), "--output.name", "run", "--train.epochs", "200",
+            "--train.batch_size", "16", "--train.dist_timeout_min", "0.05"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pids = {}
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.csv").exists() and time.time() < deadline:  # epoch 1 is done
+            time.sleep(0.2)
+        pids = _rank_pids(launcher)
+        t0 = time.time()
+        os.kill(pids[1], signal.SIGSTOP)
+        while not _gone(pids[0]) and time.time() < t0 + 100:
+            time.sleep(0.2)
+        waited = time.time() - t0
+    finally:
+        for pid in pids.values():  # the stopped rank would keep the launcher waiting 30 s before its SIGKILL
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        out, err = launcher.communicate(timeout=60)
+    assert waited < 60 and launcher.returncode != 0
+    assert "error: torchrun rank 0 of 2: another rank did not answer within train.dist_timeout_min" in err, err[-3000:]
+    assert 'train.py", line' not in err and "RuntimeError" not in err, err[-3000:]
+
+
+def test_a_lost_rank_is_one_line_and_other_errors_are_left_alone(capsys, monkeypatch):
+    from engine.setup import run_cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def lost():  # what gloo raises in the survivor's next collective when a peer died
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:41234")
+
+    with pytest.raises(SystemExit) as done:
+        run_cli(lost)
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: torchrun rank 1 of 2: lost contact with another rank (Connection closed by peer")
+
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="mat1"):
+        run_cli(bug)
+
+
+def test_ranks_end_when_the_launcher_is_killed(tmp_path):
+    import signal
+    import time
+
+    args = [*TINY, "--output.dir", str(tmp_path), "--output.name", "run", "--train.epochs", "200"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    pids = {}
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "config.json").exists() and time.time() < deadline:  # training started
+            time.sleep(0.2)
+        pids = _rank_pids(launcher)
+        assert len(pids) == 2
+        launcher.kill()  # SIGKILL: the launcher cannot pass anything on
+        launcher.wait()
+        deadline = time.time() + 30
+        while not all(_gone(pid) for pid in pids.values()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert all(_gone(pid) for pid in pids.values())
+    finally:
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from helpers import write_fake_medmnist
+from helpers import override_args, write_fake_medmnist
 
 import predict
 import train
@@ -26,7 +26,8 @@ TINY = ["--model.dim", "16", "--model.memory_tokens", "16", "--model.heads", "2"
 
 
 def tiny(tmp_path, *extra, name="run", epochs=2):
-    return [*TINY, "--train.epochs", str(epochs), "--output.dir", str(tmp_path), "--output.name", name, *extra]
+    return override_args([*TINY, "--train.epochs", str(epochs), "--output.dir", str(tmp_path), "--output.name", name],
+                         *extra)
 
 
 def test_cli_train_then_predict(tmp_path):

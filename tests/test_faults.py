@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import write_fake_medmnist
+from helpers import override_args, write_fake_medmnist
 
 import predict
 import train
@@ -51,8 +51,8 @@ def no_faults():
 
 
 def args_for(data_root, out, name="run", epochs=3, *extra):
-    return ["adrenalmnist3d.json", *TINY, "--data.root", str(data_root), "--train.epochs", str(epochs),
-            "--output.dir", str(out), "--output.name", name, *extra]
+    return ["adrenalmnist3d.json", *override_args([*TINY, "--data.root", str(data_root), "--train.epochs", str(epochs),
+                                                   "--output.dir", str(out), "--output.name", name], *extra)]
 
 
 def snapshot(run: Path) -> dict:
@@ -314,7 +314,9 @@ def test_degenerate_splits_stop_before_anything_is_written(tmp_path, capsys, res
     one_class = tmp_path / "one"
     write_fake_medmnist(one_class, "adrenalmnist3d", n=(8, 4, 4), num_classes=1)
     code, err = cli_exit(train.main, args_for(one_class, tmp_path, "run", 1), capsys)
-    assert code == 2 and err.startswith("error: ") and "val" in err and "\n" not in err
+    warning, error = err.splitlines()  # the one-class training split is said first, then the val split refused
+    assert warning.startswith("warning: the train split") and "only class 0" in warning
+    assert code == 2 and error.startswith("error: ") and "val" in error
     assert not (tmp_path / "run").exists()
     data = tmp_path / "data"
     write_fake_medmnist(data, "adrenalmnist3d", n=(8, 4, 4))

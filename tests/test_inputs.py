@@ -245,3 +245,62 @@ def test_a_multilabel_checkpoint_gives_per_label_sigmoid_probabilities(tmp_path)
     got = np.array([[float(r[f"prob_{c}"]) for c in range(14)] for r in rows])
     np.testing.assert_allclose(got, scores[:2], atol=1e-6)
     assert rows[0]["label"] == ";".join(str(c) for c in range(14) if scores[0, c] > 0.5)
+
+
+def test_complex_degenerate_and_special_files_are_refused(tmp_path):
+    with pytest.raises(InputError, match="complex values"):
+        preprocess(np.ones((4, 4, 4), dtype=np.complex64), dims=3, size=4)
+    for shape in [(1, 1, 28), (28, 1, 28), (1, 1, 1, 28)]:
+        with pytest.raises(InputError, match="an axis of length 1 is no volume"):
+            preprocess(np.arange(np.prod(shape), dtype=float).reshape(shape), dims=3, size=28)
+    with pytest.raises(InputError, match="an axis of length 1 is no image"):
+        preprocess(np.ones((1, 28)), dims=2, size=28)
+    os_fifo = tmp_path / "pipe.npy"
+    import os
+
+    os.mkfifo(os_fifo)
+    from engine.inputs import collect
+
+    items = collect([os_fifo, "/dev/zero", tmp_path / "missing.npy"], dims=3)
+    assert [i.error.split(" (")[0] for i in items] == ["not a regular file", "not a regular file", "no such file or folder"]
+
+
+def test_a_large_volume_is_preprocessed_in_float32_with_one_copy(tmp_path):
+    import tracemalloc
+
+    volume = np.random.default_rng(0).random((96, 96, 96))  # float64, 7 MB on disk
+    np.save(tmp_path / "big.npy", volume)
+    float32_bytes = volume.size * 4
+    tracemalloc.start()
+    got = preprocess(read_array(tmp_path / "big.npy"), dims=3, size=28)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.3 * float32_bytes, peak / float32_bytes  # a float64 copy alone would be 2.0
+    low, high = volume.min(), volume.max()  # the same result as the float64 recipe, to the quantisation step
+    import torch.nn.functional as F
+    import torch
+
+    ref = F.interpolate(torch.from_numpy((volume - low) / (high - low))[None, None], size=(28,) * 3,
+                        mode="trilinear", align_corners=False)[0].numpy()
+    assert np.abs(got.astype(int) - np.rint(ref * 255)).max() <= 1
+
+
+def test_a_file_that_runs_out_of_memory_gets_its_error_row(trained, tmp_path, monkeypatch):
+    import engine.inputs
+
+    tmp, args, test_images, scores = trained
+    for i in range(2):
+        np.save(tmp_path / f"v{i}.npy", test_images[i])
+    real = engine.inputs.preprocess
+
+    def short_of_memory(array, **kw):
+        if array.shape == test_images[0].shape and np.array_equal(array, test_images[1]):
+            raise MemoryError()
+        return real(array, **kw)
+
+    monkeypatch.setattr(engine.inputs, "preprocess", short_of_memory)
+    out = tmp_path / "out.csv"
+    assert predict.main([*args, "--input", str(tmp_path / "v0.npy"), str(tmp_path / "v1.npy"), "--out", str(out)]) == 1
+    rows = read_csv(out)
+    assert rows[0]["error"] == "" and float(rows[0]["prob_1"]) == pytest.approx(scores[0, 1], abs=1e-6)
+    assert rows[1]["error"] == "not enough memory to read and preprocess it" and rows[1]["prob_0"] == ""
