@@ -70,6 +70,11 @@ def parse_args(argv=None):
     own.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                      help="intensity window (e.g. CT -1000 400): clip to it and scale it to [0, 1], instead of the "
                           "volume's min/max")
+    own.add_argument("--input-spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                     help="voxel size (mm) of .npy/.npz volumes along their axes 0, 1, 2 (NIfTI files carry their "
+                          "own); anisotropic volumes are resampled to isotropic voxels before the resize")
+    own.add_argument("--no-resample", action="store_true",
+                     help="keep anisotropic voxels as they are (no resampling to isotropic spacing before the resize)")
     own.add_argument("--save-preprocessed", type=Path, metavar="DIR",
                      help="write what the model saw, one .npy per input (float in [0, 1], (C, S, S, S))")
     return parser.parse_known_args(argv)
@@ -171,13 +176,19 @@ def _predict_inputs(args, cfg, device, info) -> int:
         return predict_inputs(args.input, model=model.to(device), info=info,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
                               amp=trained_cfg.train.amp, full_batches=full,
-                              window=tuple(args.window) if args.window else None,
+                              window=tuple(args.window) if args.window else _data_window(cfg),
+                              spacing=args.input_spacing, resample=not args.no_resample,
                               out=args.out or cfg.run_dir / "input_predictions.csv",
                               save_preprocessed=args.save_preprocessed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     except OSError as err:
         raise RunDirError(f"cannot write the predictions: {err}") from None
+
+
+def _data_window(cfg):
+    """The intensity window a CSV dataset was prepared with (data.window), so --input scores files alike."""
+    return tuple(cfg.data.window) if cfg.data.name == "csv" and cfg.data.window else None
 
 
 def _evaluate(args, cfg, split_name, device, info) -> int:
@@ -236,7 +247,7 @@ def write_results(out_dir: Path, cfg, info, split_name: str, labels: np.ndarray,
     auc = float(np.mean([r[2] for r in results]))  # mean over k checkpoints, divided by k
     acc = float(np.mean([r[3] for r in results]))
     scores = results[-1][4]
-    if not info.is_synthetic:  # the stock evaluator: reads the labels from the .npz and writes the standard CSV
+    if info.is_medmnist:  # the stock evaluator: reads the labels from the .npz and writes the standard CSV
         from medmnist import Evaluator
 
         evaluator = Evaluator(info.name, split_name, size=info.size, root=str(info.path.parent))
