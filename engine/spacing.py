@@ -44,7 +44,8 @@ def resample_isotropic(volume: np.ndarray, spacing, tolerance: float = TOLERANCE
     if max(spacing) <= finest * (1 + tolerance):
         return volume, ""
     shape = tuple(max(1, int(round(n * s / finest))) for n, s in zip(volume.shape, spacing))
-    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    dtype = np.float64 if volume.dtype == np.float64 else np.float32  # float32 halves the memory of large scans
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=dtype))[None, None]
     out = F.interpolate(x, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
     sizes = " x ".join(f"{s:g}" for s in spacing)
     return out, (f"resampled from voxels of {sizes} mm (axes 0, 1, 2) to isotropic {finest:g} mm: "
