@@ -141,7 +141,8 @@ def test_multilabel_columns(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes, fractions", [([37, 23, 11], [0.7, 0.1, 0.2]), ([5, 5], [0.6, 0.2, 0.2]),
-                                              ([101, 3, 17, 9, 44], [0.5, 0.25, 0.25]), ([13, 8], [8, 1, 1])])
+                                              ([101, 3, 17, 9, 44], [0.5, 0.25, 0.25]), ([13, 8], [8, 1, 1]),
+                                              ([5, 5, 5, 5], [0.7, 0.1, 0.2]), ([3] * 9, [0.6, 0.2, 0.2])])
 def test_split_counts_are_within_one_sample_of_the_fractions(sizes, fractions):
     f = np.array(fractions, float) / sum(fractions)
     counts = split_counts(sizes, fractions)
@@ -265,3 +266,14 @@ def test_duplicate_paths_and_missing_columns(small):
     expect_error(write([[p, lab] for p, lab, _ in good], header=("file", "label")), r"no `path` column \(columns: file, label\)")
     expect_error(write([[p, lab] for p, lab, _ in good], header=("path", "class")), r"no `label` column")
     expect_error(write([[p, lab, "holdout"] for p, lab, _ in good]), r"bad.csv row 2 \(v0.npy\): split 'holdout'")
+
+
+def test_split_counts_on_many_random_cohorts():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        sizes = rng.integers(1, 40, size=rng.integers(2, 7)).tolist()
+        f = rng.uniform(0.05, 1, size=3)
+        counts = split_counts(sizes, f)
+        f = f / f.sum()
+        assert counts.sum(1).tolist() == sizes and counts.min() >= 0
+        assert np.all(np.abs(counts - np.outer(sizes, f)) <= 1) and np.all(np.abs(counts.sum(0) - sum(sizes) * f) <= 1)
