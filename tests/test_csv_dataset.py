@@ -277,3 +277,20 @@ def test_split_counts_on_many_random_cohorts():
         f = f / f.sum()
         assert counts.sum(1).tolist() == sizes and counts.min() >= 0
         assert np.all(np.abs(counts - np.outer(sizes, f)) <= 1) and np.all(np.abs(counts.sum(0) - sum(sizes) * f) <= 1)
+
+
+def test_make_csv_from_class_folders(tmp_path):
+    from tools import make_csv
+
+    rng = np.random.default_rng(9)
+    for name, n in (("benign", 6), ("malignant", 4)):
+        (tmp_path / "scans" / name).mkdir(parents=True)
+        for i in range(n):
+            np.save(tmp_path / "scans" / name / f"{i}.npy", rng.normal(size=(28, 28, 28)))
+    assert make_csv.main([str(tmp_path / "scans")]) == 0
+    assert make_csv.main([str(tmp_path / "scans")]) == 2  # kept unless --force
+    rows = list(csv.DictReader((tmp_path / "scans" / "labels.csv").open()))
+    assert [r["path"] for r in rows[:2]] == ["benign/0.npy", "benign/1.npy"] and rows[-1]["label"] == "malignant"
+    info, splits = load_data(cfg_of(tmp_path / "scans" / "labels.csv", "--data.split_fractions", "[0.5, 0.25, 0.25]"),
+                             torch.device("cpu"))
+    assert info.label_names == {"0": "benign", "1": "malignant"} and sum(map(len, splits.values())) == 10
