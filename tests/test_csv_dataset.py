@@ -109,6 +109,13 @@ def test_round_trip_arrays_are_the_originals_and_training_gives_the_same_weights
     assert predict.main(["base.json", *medmnist, *TINY, "--output.dir", str(runs), "--output.name", "m"]) == 0
     got, want = (json.loads((runs / n / "eval" / "test" / "metrics.json").read_text()) for n in ("c", "m"))
     assert (got["auc"], got["acc"]) == (want["auc"], want["acc"])
+    # --input on a file of the test split: the probabilities predict.py gave it in the split
+    out = tmp_path / "input.csv"
+    assert predict.main(["base.json", *csv_args(csv_path), *TINY, "--output.dir", str(runs), "--output.name", "c",
+                         "--input", str(csv_path.parent / "scans" / "test_3.nii.gz"), "--out", str(out)]) == 0
+    (row,) = csv.DictReader(out.open())
+    scores = np.load(runs / "c" / "eval" / "test" / "predictions.npz")["y_score"]
+    assert float(row["prob_1"]) == pytest.approx(scores[3, 1], abs=1e-6) and row["notes"] == ""
 
 
 def test_class_names_and_a_classical_model_end_to_end(cohort, tmp_path):
@@ -294,3 +301,21 @@ def test_make_csv_from_class_folders(tmp_path):
     info, splits = load_data(cfg_of(tmp_path / "scans" / "labels.csv", "--data.split_fractions", "[0.5, 0.25, 0.25]"),
                              torch.device("cpu"))
     assert info.label_names == {"0": "benign", "1": "malignant"} and sum(map(len, splits.values())) == 10
+
+
+def test_rgb_images_for_a_2d_model_come_back_exactly(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    images = rng.integers(0, 256, size=(12, 28, 28, 3), dtype=np.uint8)
+    images[:, 0, 0], images[:, -1, -1] = 0, 255
+    rows = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        rows.append([f"{i}.png", i % 3, ("train", "train", "val", "test")[i // 3]])
+    path = write_csv(tmp_path / "rgb.csv", ["path", "label", "split"], rows)
+    cfg = load_config("medmamba/medmamba_t_pathmnist.json", csv_args(path, "--data.channels", "3"))
+    info, splits = load_data(cfg, torch.device("cpu"))
+    assert (info.dims, info.in_channels, info.task, info.num_classes) == (2, 3, "multi-class", 3)
+    np.testing.assert_array_equal(splits["train"].images.permute(0, 2, 3, 1).numpy(), images[:6])
+    np.testing.assert_array_equal(splits["test"].images.permute(0, 2, 3, 1).numpy(), images[9:])
