@@ -177,7 +177,8 @@ def _predict_inputs(args, cfg, device, info) -> int:
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
                               amp=trained_cfg.train.amp, full_batches=full,
                               window=tuple(args.window) if args.window else _data_window(cfg),
-                              spacing=args.input_spacing, resample=not args.no_resample,
+                              spacing=args.input_spacing,
+                              resample=not args.no_resample and not (cfg.data.name == "csv" and not cfg.data.resample),
                               out=args.out or cfg.run_dir / "input_predictions.csv",
                               save_preprocessed=args.save_preprocessed)
     except ValueError as err:
@@ -187,7 +188,8 @@ def _predict_inputs(args, cfg, device, info) -> int:
 
 
 def _data_window(cfg):
-    """The intensity window a CSV dataset was prepared with (data.window), so --input scores files alike."""
+    """The intensity window a CSV dataset was prepared with (data.window; data.resample likewise), so --input
+    prepares files as the training files were."""
     return tuple(cfg.data.window) if cfg.data.name == "csv" and cfg.data.window else None
 
 

@@ -4,6 +4,8 @@ The CSV has a header row and one row per file:
 - `path`: the file (NIfTI, NumPy, or an image for 2-D models), relative to the CSV's folder or absolute;
 - `label`: a class index (0, 1, ...) or a class name; or, for a multi-label task, several `label_<name>` columns
   of 0/1;
+- `spacing` (optional): voxel sizes "X Y Z" of a .npy / .npz volume along its axes 0, 1, 2 (predict.py's
+  --input-spacing; NIfTI files carry their own);
 - `split` (optional): `train`, `val` or `test`. Without it, a seeded stratified split with `data.split_fractions`
   is made once and written to `split-seed<S>-<fractions>.csv` in the cache folder; later runs reuse it (rows
   added to the CSV later are split among themselves), so a run's test files never move into training.
@@ -52,9 +54,7 @@ class Row:
     file: Path  # resolved
     label: int | tuple[int, ...]
     split: str | None
-
-    def where(self, csv_path: Path) -> str:
-        return f"{csv_path.name} row {self.number} ({self.path})"
+    spacing: tuple[float, float, float] | None = None  # voxel size of a .npy / .npz volume (the `spacing` column)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,8 +142,9 @@ def read_rows(csv_path: Path, declared: list[str]) -> tuple[list[Row], list[str]
     label_cols, names, multilabel = _label_columns(csv_path, header)
     lower = [h.lower() for h in header]
     path_col, split_col = lower.index("path"), (lower.index("split") if "split" in lower else None)
+    spacing_col = lower.index("spacing") if "spacing" in lower else None
     width = max([path_col, *label_cols, split_col or 0]) + 1
-    numbers, paths, texts, splits = [], [], [], []
+    numbers, paths, texts, splits, spacings = [], [], [], [], []
     for number, cells in table:
         if len(cells) < width:
             raise DataError(f"{csv_path.name} row {number} has {len(cells)} cells; the header has {len(header)}")
@@ -157,7 +158,8 @@ def read_rows(csv_path: Path, declared: list[str]) -> tuple[list[Row], list[str]
         if split_col is not None and split not in SPLIT_NAMES:
             raise DataError(f"{csv_path.name} row {number} ({path}): split {cells[split_col].strip()!r} is not "
                             f"train, val or test")
-        numbers.append(number), paths.append(path), texts.append(values), splits.append(split)
+        spacing = _spacing(csv_path, number, path, cells[spacing_col] if spacing_col is not None else "")
+        numbers.append(number), paths.append(path), texts.append(values), splits.append(split), spacings.append(spacing)
     if multilabel:
         labels = []
         for number, path, values in zip(numbers, paths, texts):
@@ -172,7 +174,8 @@ def read_rows(csv_path: Path, declared: list[str]) -> tuple[list[Row], list[str]
         labels, names = _class_indices(csv_path, numbers, [v[0] for v in texts], declared)
         if len(names) < 2:
             raise DataError(f"{csv_path.name} has a single class ({names[0]!r}); a classifier needs at least two")
-    rows = [Row(n, p, _resolve(csv_path, p), lab, s) for n, p, lab, s in zip(numbers, paths, labels, splits)]
+    rows = [Row(n, p, _resolve(csv_path, p), lab, s, sp)
+            for n, p, lab, s, sp in zip(numbers, paths, labels, splits, spacings)]
     seen: dict[Path, Row] = {}
     for row in rows:
         if row.file in seen:
@@ -180,6 +183,21 @@ def read_rows(csv_path: Path, declared: list[str]) -> tuple[list[Row], list[str]
                             f"{row.file}; keep one row per file")
         seen[row.file] = row
     return rows, names, multilabel
+
+
+def _spacing(csv_path: Path, number: int, path: str, text: str) -> tuple[float, float, float] | None:
+    """The `spacing` cell: empty, or three positive voxel sizes separated by spaces or x."""
+    parts = text.lower().replace("x", " ").replace(",", " ").split()
+    if not parts:
+        return None
+    try:
+        sizes = tuple(float(v) for v in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or not all(np.isfinite(v) and v > 0 for v in sizes):
+        raise DataError(f"{csv_path.name} row {number} ({path}): spacing {text.strip()!r} is not three positive voxel "
+                        f"sizes such as \"0.7 0.7 5\"")
+    return sizes
 
 
 def _resolve(csv_path: Path, path: str) -> Path:
@@ -342,17 +360,18 @@ def _stat(file: Path) -> list:
     return [str(file), st.st_size, st.st_mtime_ns]
 
 
-def _preprocess_file(file: Path, settings: dict) -> tuple[np.ndarray | None, str, str | None]:
+def _preprocess_file(row: Row, settings: dict) -> tuple[np.ndarray | None, str, str | None]:
     """(uint8 (C, S, S[, S]) or None, note, error) of one file, exactly as predict.py --input prepares it."""
     from engine.inputs import InputError, preprocess, read_array
     from engine.spacing import read_volume
 
     window = tuple(settings["window"]) if settings["window"] else None
+    file = row.file
     try:
         if not file.is_file():
             return None, "", "no such file" if not file.exists() else "not a regular file"
         if settings["dims"] == 3:
-            array, note = read_volume(file, resample=settings["resample"])
+            array, note = read_volume(file, spacing=row.spacing, resample=settings["resample"])
         else:
             array, note = read_array(file), ""
         image = preprocess(array, dims=settings["dims"], size=settings["size"], in_channels=settings["channels"],
@@ -370,7 +389,7 @@ def _preprocess_all(rows: list[Row], settings: dict, workers: int, desc: str) ->
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda row: _preprocess_file(row.file, settings), rows)
+        results = pool.map(lambda row: _preprocess_file(row, settings), rows)
         return list(tqdm(results, total=len(rows), desc=desc, disable=None, leave=False, dynamic_ncols=True))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import nibabel
@@ -192,7 +193,7 @@ def test_cache_is_rebuilt_when_a_file_or_a_setting_changes_and_only_then(cohort,
     csv_path = export({s: (x[:6], y[:6]) for s, (x, y) in data.items()}, tmp_path)
     calls = []
     real = csv_dataset._preprocess_file
-    monkeypatch.setattr(csv_dataset, "_preprocess_file", lambda f, s: calls.append(f) or real(f, s))
+    monkeypatch.setattr(csv_dataset, "_preprocess_file", lambda row, s: calls.append(row) or real(row, s))
 
     def build(*extra):
         csv_dataset._prepared.clear()
@@ -319,3 +320,21 @@ def test_rgb_images_for_a_2d_model_come_back_exactly(tmp_path):
     assert (info.dims, info.in_channels, info.task, info.num_classes) == (2, 3, "multi-class", 3)
     np.testing.assert_array_equal(splits["train"].images.permute(0, 2, 3, 1).numpy(), images[:6])
     np.testing.assert_array_equal(splits["test"].images.permute(0, 2, 3, 1).numpy(), images[9:])
+
+
+def test_spacing_column_of_npy_rows(small):
+    from test_spacing import doubled_by_hand
+
+    from engine.inputs import preprocess
+
+    folder, good, write = small
+    thick = np.random.default_rng(12).normal(size=(14, 28, 28))
+    np.save(folder / "thick.npy", thick)
+    rows = [[*r, ""] for r in good] + [["thick.npy", 0, "train", "2 x 1 x 1"]]
+    info, splits = load_data(cfg_of(write(rows, header=("path", "label", "split", "spacing"))), torch.device("cpu"))
+    np.testing.assert_array_equal(splits["train"].images[-1].numpy(), preprocess(doubled_by_hand(thick), dims=3, size=28))
+    assert "resampled" in json.loads(info.path.with_suffix(".json").read_text())["notes"]["thick.npy"]
+    csv_dataset._prepared.clear()
+    shutil.rmtree(info.path.parent)
+    expect_error(write([*rows[:-1], ["thick.npy", 0, "train", "2 1"]], header=("path", "label", "split", "spacing")),
+                 r"bad.csv row 14 \(thick.npy\): spacing '2 1' is not three")
