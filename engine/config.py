@@ -57,7 +57,8 @@ class DataConfig:
         "min": 1, "help": "optional check: must equal the class count of the dataset (from medmnist.INFO)"})
     download: bool = field(default=True, metadata={"help": "download a missing file (MD5-checked)"})
     csv: str = field(default="", metadata={
-        "help": "with name `csv`: a CSV with columns `path` (relative to the CSV), `label` (class index or name; or "
+        "help": "with name `csv`: the CSV of your files (relative paths are taken from the working directory), with "
+                "columns `path` (relative to the CSV), `label` (class index or name; or "
                 "several `label_<name>` 0/1 columns: multi-label) and optional `split` (train/val/test)"})
     classes: list[str] = field(default_factory=list, metadata={
         "help": "`csv`: the class names in index order; empty = derived from the labels (integers 0..max, or the "

@@ -182,6 +182,16 @@ def test_split_file_is_written_and_reused(tmp_path, capsys):
     csv_dataset._prepared.clear()
     load_data(cfg_of(path), torch.device("cpu"))
     assert split_file.read_text() == saved and "reused cache" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "c_cache")  # the same seed and CSV draw the same split again
+    csv_dataset._prepared.clear()
+    load_data(cfg_of(path), torch.device("cpu"))
+    assert split_file.read_text() == saved
+    rows.append(["20.npy", "a"])  # a new row is split on its own; the saved rows keep their split
+    np.save(tmp_path / "20.npy", rng.normal(size=(28, 28, 28)))
+    write_csv(path, ["path", "label"], rows)
+    csv_dataset._prepared.clear()
+    load_data(cfg_of(path), torch.device("cpu"))
+    assert split_file.read_text().startswith(saved) and split_file.read_text().endswith("20.npy,train\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
