@@ -6,6 +6,10 @@ A CT of 0.7 x 0.7 x 5 mm voxels, resized axis by axis, would treat its few thick
 by trilinear interpolation (`align_corners=False`, as the resize) to isotropic voxels of its smallest voxel size:
 axis i of n_i voxels of size s_i gets round(n_i * s_i / min(s)) voxels. `.npy` / `.npz` arrays carry no spacing;
 give it (along axes 0, 1, 2) with predict.py's `--input-spacing X Y Z`.
+
+The resize that follows maps every axis to the model's side whatever its length in millimetres, so the anatomy
+keeps its proportions only when the region is roughly cubic in millimetres (MedMNIST cropped cubes); resampling
+alone changes the resized volume little.
 """
 
 from __future__ import annotations
