@@ -348,3 +348,15 @@ def test_spacing_column_of_npy_rows(small):
     shutil.rmtree(info.path.parent)
     expect_error(write([*rows[:-1], ["thick.npy", 0, "train", "2 1"]], header=("path", "label", "split", "spacing")),
                  r"bad.csv row 14 \(thick.npy\): spacing '2 1' is not three")
+
+
+def test_train_py_stops_with_one_line_and_exit_code_2(small, capsys):
+    from engine.setup import run_cli
+
+    folder, good, write = small
+    path = write([*good, ["gone.npy", 0, "train"]])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: train.main(["base.json", *csv_args(path), *TINY, "--output.dir", str(folder / "runs")]))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.count("\n") == 0 and "row 14 (gone.npy): no such file" in err
+    assert not (folder / "runs").exists() and not (folder / "bad_cache").exists()
