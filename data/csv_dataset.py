@@ -17,7 +17,7 @@ isotropic resampling, intensity scaling or window, resize, uint8 quantisation), 
 threads), once, into a MedMNIST-format .npz in the cache folder (with a .json beside it: classes, task, the files
 of each split, the files left out, the notes). The cache's name holds a hash of the CSV's bytes, the size and
 modification time of every file, the split and the preprocessing settings: any change builds a new one, nothing
-else does. The rest of the engine sees a MedMNIST-like dataset (`DatasetInfo` with name "csv").
+else does (a cache of the same settings on an older state of the files is then deleted; other settings' are kept). The rest of the engine sees a MedMNIST-like dataset (`DatasetInfo` with name "csv").
 
 Errors name the CSV row (the header is row 1, as in a spreadsheet) and the file; nothing is written unless the
 whole dataset is good.
@@ -72,7 +72,10 @@ def _read_table(csv_path: Path) -> tuple[bytes, list[str], list[tuple[int, list[
     except UnicodeDecodeError as err:
         raise DataError(f"{csv_path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
                         f"save it as UTF-8 CSV") from None
-    lines = [row for row in csv.reader(io.StringIO(text))]
+    try:
+        lines = [row for row in csv.reader(io.StringIO(text))]
+    except csv.Error as err:
+        raise DataError(f"{csv_path} is not a readable CSV: {err}") from None
     numbered = [(i + 1, row) for i, row in enumerate(lines) if any(cell.strip() for cell in row)]
     if not numbered:
         raise DataError(f"{csv_path} is empty; it needs a header row (path,label[,split]) and one row per file")
@@ -415,8 +418,8 @@ def _write_cache(npz_path: Path, meta: dict, rows, splits, images, names, multil
     npz_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(buffer.getvalue(), npz_path)
     atomic_write_json(meta, npz_path.with_suffix(".json"))  # written last: the cache exists once this does
-    prefix = npz_path.name.rsplit("_", 1)[0] + "_"
-    for old in npz_path.parent.glob(f"{prefix}*"):  # earlier builds of the same CSV, size and dims
+    prefix = npz_path.name.rsplit("_", 1)[0] + "_"  # <stem>_<size>[_2d]_<settings hash>_
+    for old in npz_path.parent.glob(f"{prefix}*"):  # stale: the same settings on an earlier state of the files
         if old.suffix in (".npz", ".json") and old.stem != npz_path.stem and len(old.stem) == len(npz_path.stem):
             old.unlink(missing_ok=True)
 
@@ -468,14 +471,17 @@ def prepare(data_cfg, *, dims: int) -> DatasetInfo:
     if not data_cfg.skip_bad:
         check_classes(csv_path, rows, splits, names, multilabel)
     settings = _settings(data_cfg, dims)
-    key_text = json.dumps({"version": CACHE_VERSION, "csv": hashlib.sha256(csv_bytes).hexdigest(), "splits": splits,
-                           "files": [_stat(row.file) for row in rows], "settings": settings}, sort_keys=True)
-    key = hashlib.sha256(key_text.encode()).hexdigest()
-    npz_path = cache_dir / f"{csv_path.stem}_{data_cfg.size}{'_2d' if dims == 2 else ''}_{key[:16]}.npz"
+    # the name: the settings' hash (caches of other settings are kept: a sweep may use several at once), then the
+    # hash of the CSV, the split and the files' sizes and times (an older state of the same settings is deleted)
+    settings_key = _sha({"version": CACHE_VERSION, "settings": settings})
+    key = _sha({"csv": hashlib.sha256(csv_bytes).hexdigest(), "splits": splits, "settings": settings_key,
+                "files": [_stat(row.file) for row in rows]})
+    npz_path = cache_dir / f"{csv_path.stem}_{data_cfg.size}{'_2d' if dims == 2 else ''}_{settings_key[:8]}_{key[:12]}.npz"
     if key in _prepared:
         return _prepared[key]
     meta_path = npz_path.with_suffix(".json")
-    built = not (npz_path.is_file() and meta_path.is_file())
+    meta = _read_meta(meta_path) if npz_path.is_file() else None
+    built = meta is None
     if built:
         results = _preprocess_all(rows, settings, data_cfg.workers, f"preprocessing {csv_path.name}")
         failed = _file_failures(csv_path, rows, results)
@@ -490,8 +496,6 @@ def prepare(data_cfg, *, dims: int) -> DatasetInfo:
                 "files": {s: [r.path for r, t in zip(kept_rows, kept_splits) if t == s] for s in SPLIT_NAMES},
                 "skipped": failed, "notes": {rows[i].path: results[i][1] for i in keep if results[i][1]}}
         _write_cache(npz_path, meta, kept_rows, kept_splits, [results[i][0] for i in keep], names, multilabel, dims)
-    else:
-        meta = json.loads(meta_path.read_text())
     if split_file is not None and (built or not split_file.is_file()):
         from engine.rundir import atomic_write_bytes
 
@@ -503,6 +507,19 @@ def prepare(data_cfg, *, dims: int) -> DatasetInfo:
     _report(csv_path, info, meta, built, split_file)
     _prepared[key] = info
     return info
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict | None:
+    """The cache's .json, or None when it is missing or unreadable (the cache is then built again)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("version") == CACHE_VERSION else None
 
 
 def _task(names: list[str], multilabel: bool) -> str:
@@ -527,7 +544,12 @@ def _report(csv_path: Path, info: DatasetInfo, meta: dict, built: bool, split_fi
 def load_cached_splits(info: DatasetInfo, splits=SPLIT_NAMES) -> dict[str, Split]:
     """The splits of a prepared CSV dataset's .npz, as `data.loading.load_splits` gives a MedMNIST file's."""
     result = {}
-    for split, (images, labels) in _read_npz(info, tuple(splits)).items():
+    try:
+        arrays = _read_npz(info, tuple(splits))
+    except DataError as err:
+        raise DataError(f"the cache of the CSV dataset is damaged ({err}); delete {info.path} and run again to "
+                        f"rebuild it") from None
+    for split, (images, labels) in arrays.items():
         flat = _check_arrays(info, split, images, labels)
         if images.ndim == 4 and info.dims == 2:  # RGB (N, S, S, 3) -> (N, 3, S, S)
             tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -220,7 +220,10 @@ def test_cache_is_rebuilt_when_a_file_or_a_setting_changes_and_only_then(cohort,
     assert n == 18 and not torch.equal(splits["train"].images[0, 0], torch.from_numpy(data["train"][0][0]))
     assert build("--data.window", "[10, 200]")[0] == 18
     assert build("--data.window", "[10, 200]")[0] == 0
-    assert len(list((tmp_path / "labels_cache").glob("*.npz"))) == 1  # a new build replaces the older one
+    assert build()[0] == 0  # the caches of other settings are kept (a sweep may use both at once) ...
+    assert len(list((tmp_path / "labels_cache").glob("*.npz"))) == 2  # ... those of earlier file states are not
+    next((tmp_path / "labels_cache").glob("*.json")).write_text("{broken")  # a damaged cache is built again
+    assert build()[0] + build("--data.window", "[10, 200]")[0] == 18
 
 
 # ----------------------------------------------------------------------------------------------------------
