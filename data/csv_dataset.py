@@ -17,7 +17,8 @@ isotropic resampling, intensity scaling or window, resize, uint8 quantisation), 
 threads), once, into a MedMNIST-format .npz in the cache folder (with a .json beside it: classes, task, the files
 of each split, the files left out, the notes). The cache's name holds a hash of the CSV's bytes, the size and
 modification time of every file, the split and the preprocessing settings: any change builds a new one, nothing
-else does (a cache of the same settings on an older state of the files is then deleted; other settings' are kept). The rest of the engine sees a MedMNIST-like dataset (`DatasetInfo` with name "csv").
+else does (a cache of the same settings on an older state of the files is then deleted; other settings' are
+kept). The rest of the engine sees a MedMNIST-like dataset (`DatasetInfo` with name "csv").
 
 Errors name the CSV row (the header is row 1, as in a spreadsheet) and the file; nothing is written unless the
 whole dataset is good.
@@ -464,7 +465,8 @@ def prepare(data_cfg, *, dims: int) -> DatasetInfo:
     csv_path = _check_config(data_cfg, dims)
     csv_bytes = csv_path.read_bytes()
     rows, names, multilabel = read_rows(csv_path, list(data_cfg.classes))
-    cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else csv_path.parent / f"{csv_path.stem}_cache"
+    cache_dir = (Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir
+                 else csv_path.parent / f"{csv_path.stem}_cache")
     has_column = rows[0].split is not None
     split_file = None if has_column else _split_file(cache_dir, data_cfg.split_seed, data_cfg.split_fractions)
     splits, how = assign_splits(rows, split_file, data_cfg.split_fractions, data_cfg.split_seed)
@@ -476,7 +478,8 @@ def prepare(data_cfg, *, dims: int) -> DatasetInfo:
     settings_key = _sha({"version": CACHE_VERSION, "settings": settings})
     key = _sha({"csv": hashlib.sha256(csv_bytes).hexdigest(), "splits": splits, "settings": settings_key,
                 "files": [_stat(row.file) for row in rows]})
-    npz_path = cache_dir / f"{csv_path.stem}_{data_cfg.size}{'_2d' if dims == 2 else ''}_{settings_key[:8]}_{key[:12]}.npz"
+    kind = f"{data_cfg.size}{'_2d' if dims == 2 else ''}"
+    npz_path = cache_dir / f"{csv_path.stem}_{kind}_{settings_key[:8]}_{key[:12]}.npz"
     if key in _prepared:
         return _prepared[key]
     meta_path = npz_path.with_suffix(".json")
@@ -538,7 +541,8 @@ def _report(csv_path: Path, info: DatasetInfo, meta: dict, built: bool, split_fi
     if meta["skipped"]:
         print(f"data.skip_bad: left out {_failure_text(csv_path, meta['skipped'])}")
     if meta["notes"]:
-        print(f"note: {len(meta['notes'])} file(s) were resampled to isotropic voxels (see {info.path.with_suffix('.json')})")
+        print(f"note: {len(meta['notes'])} file(s) were resampled to isotropic voxels "
+              f"(see {info.path.with_suffix('.json')})")
 
 
 def load_cached_splits(info: DatasetInfo, splits=SPLIT_NAMES) -> dict[str, Split]:

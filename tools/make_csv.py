@@ -24,7 +24,8 @@ from engine.rundir import atomic_write_bytes  # noqa: E402
 
 
 def rows_of(folder: Path, suffixes, base: Path) -> list[list[str]]:
-    """[[path relative to `base` (the CSV's folder), class name]] of every file of a class subfolder, sorted by class then path."""
+    """[[path relative to `base` (the CSV's folder), class name]] of every file of a class subfolder, sorted by
+    class then path."""
     rows = []
     for class_dir in sorted(p for p in folder.absolute().iterdir() if p.is_dir() and not p.name.startswith(".")):
         if class_dir.name.endswith("_cache"):  # the CSV dataset's own cache
