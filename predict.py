@@ -79,6 +79,11 @@ def parse_args(argv=None):
     own.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
                      help="intensity window (e.g. CT -1000 400): clip to it and scale it to [0, 1], instead of the "
                           "volume's min/max")
+    own.add_argument("--input-spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
+                     help="voxel size (mm) of .npy/.npz volumes along their axes 0, 1, 2 (NIfTI files carry their "
+                          "own); anisotropic volumes are resampled to isotropic voxels before the resize")
+    own.add_argument("--no-resample", action="store_true",
+                     help="keep anisotropic voxels as they are (no resampling to isotropic spacing before the resize)")
     own.add_argument("--save-preprocessed", type=Path, metavar="DIR",
                      help="write what the model saw, one .npy per input (float in [0, 1], (C, S, S, S))")
     why = parser.add_argument_group("explanation maps (engine/explain.py; see the README)")
@@ -190,13 +195,21 @@ def _predict_inputs(args, cfg, device, info) -> int:
         return predict_inputs(args.input, model=model.to(device), info=info,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
                               amp=trained_cfg.train.amp, full_batches=full,
-                              window=tuple(args.window) if args.window else None,
+                              window=tuple(args.window) if args.window else _data_window(cfg),
+                              spacing=args.input_spacing,
+                              resample=not args.no_resample and not (cfg.data.name == "csv" and not cfg.data.resample),
                               out=args.out or cfg.run_dir / INPUT_PREDICTIONS,
                               save_preprocessed=args.save_preprocessed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     except OSError as err:
         raise RunDirError(f"cannot write the predictions: {err}") from None
+
+
+def _data_window(cfg):
+    """The intensity window a CSV dataset was prepared with (data.window; data.resample likewise), so --input
+    prepares files as the training files were."""
+    return tuple(cfg.data.window) if cfg.data.name == "csv" and cfg.data.window else None
 
 
 def _evaluate(args, cfg, split_name, device, info) -> int:
@@ -338,7 +351,7 @@ def _write_result_files(out_dir: Path, stage: dict, cfg, info, split_name, label
     auc = float(np.mean([r[2] for r in results]))  # mean over k checkpoints, divided by k
     acc = float(np.mean([r[3] for r in results]))
     scores = results[-1][4]
-    if not info.is_synthetic:  # the stock evaluator: reads the labels from the .npz and writes the standard CSV
+    if info.is_medmnist:  # the stock evaluator: reads the labels from the .npz and writes the standard CSV
         from medmnist import Evaluator
 
         evaluator = Evaluator(info.name, split_name, size=info.size, root=str(info.path.parent))

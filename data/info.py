@@ -105,6 +105,11 @@ class DatasetInfo:
         return self.name in SYNTHETIC_NAMES
 
     @property
+    def is_medmnist(self) -> bool:
+        """A MedMNIST flag (whose official evaluator and standard result CSV apply), not synthetic or a CSV dataset."""
+        return self.name in MEDMNIST_3D_NAMES or self.name in MEDMNIST_2D_NAMES
+
+    @property
     def is_multilabel(self) -> bool:
         """ChestMNIST's task: several binary labels per image, labels (N, L)."""
         return self.task.startswith("multi-label")

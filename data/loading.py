@@ -302,6 +302,8 @@ def data_md5(name: str, *, root: str | Path, size: int = 28) -> str | None:
 
     Computed once per process for each (path, modification time, file size).
     """
+    if name == "csv":  # your own files (data/csv_dataset.py): no released file to compare with
+        return None
     info = dataset_info(name, size=size, root=root)
     if info.is_synthetic:
         return None

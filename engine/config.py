@@ -47,7 +47,8 @@ class DataConfig:
         "help": "MedMNIST 3D flag (organmnist3d, nodulemnist3d, adrenalmnist3d, fracturemnist3d, "
                 "vesselmnist3d, synapsemnist3d), MedMNIST 2D flag (pathmnist, chestmnist, dermamnist, octmnist, "
                 "pneumoniamnist, retinamnist, breastmnist, bloodmnist, tissuemnist, organamnist, organcmnist, "
-                "organsmnist; for 2-D models), or a built-in offline dataset `synthetic3d` / `synthetic2d`"})
+                "organsmnist; for 2-D models), a built-in offline dataset `synthetic3d` / `synthetic2d`, or `csv`: your own "
+                "files listed in `data.csv` (docs/own-data.md)"})
     root: str = field(default="~/.medmnist", metadata={
         "help": "folder holding the MedMNIST .npz files (relative paths are taken from the working directory)"})
     size: int = field(default=28, metadata={"choices": [28, 64, 128, 224], "help": "side: volumes 28 (MedMNIST v2) "
@@ -55,6 +56,27 @@ class DataConfig:
     out_class_num: Optional[int] = field(default=None, metadata={
         "min": 1, "help": "optional check: must equal the class count of the dataset (from medmnist.INFO)"})
     download: bool = field(default=True, metadata={"help": "download a missing file (MD5-checked)"})
+    csv: str = field(default="", metadata={
+        "help": "with name `csv`: the CSV of your files (relative paths are taken from the working directory), with "
+                "columns `path` (relative to the CSV), `label` (class index or name; or "
+                "several `label_<name>` 0/1 columns: multi-label) and optional `split` (train/val/test)"})
+    classes: list[str] = field(default_factory=list, metadata={
+        "help": "`csv`: the class names in index order; empty = derived from the labels (integers 0..max, or the "
+                "sorted names)"})
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2], metadata={
+        "help": "`csv` without a split column: train/val/test fractions of the seeded stratified split"})
+    split_seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1, "help": "`csv`: seed of that split"})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "`csv`: leave out (and list) files that cannot be read, instead of stopping"})
+    window: Optional[list[float]] = field(default=None, metadata={
+        "help": "`csv`: intensity window [low, high] (as predict.py --window); null = each volume's min/max"})
+    resample: bool = field(default=True, metadata={
+        "help": "`csv`: resample anisotropic NIfTI volumes to isotropic voxels before the resize (as predict.py --input)"})
+    channels: int = field(default=1, metadata={"choices": [1, 3], "help": "`csv` of 2-D images: grey (1) or RGB (3)"})
+    cache_dir: str = field(default="", metadata={
+        "help": "`csv`: folder of the preprocessed .npz cache and the split file; empty = `<csv stem>_cache/` beside "
+                "the CSV"})
+    workers: int = field(default=4, metadata={"min": 1, "max": 64, "help": "`csv`: threads preprocessing the files"})
     device_cache: bool = field(default=True, metadata={
         "help": "keep the uint8 splits on the training device (they are small); false keeps them in host memory"})
 

@@ -60,6 +60,7 @@ class Item:
     path: str
     image: np.ndarray | None = None  # uint8 (C, S, S[, S]) after preprocessing
     error: str | None = None
+    note: str = ""  # what was done beyond the recipe (engine/spacing.py's resampling)
 
 
 def suffix_of(path: Path) -> str:
@@ -203,7 +204,8 @@ def preprocess(array: np.ndarray, *, dims: int, size: int, in_channels: int = 1,
 
 
 def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = False,
-                   full_batches: bool = False, window=None, out: Path, save_preprocessed: Path | None = None) -> int:
+                   full_batches: bool = False, window=None, out: Path, save_preprocessed: Path | None = None,
+                   spacing=None, resample: bool = True) -> int:
     """Score every input file with `model` (trained on `info`'s dataset, whose `dims` the files must have) and
     write the CSV `out`; returns the exit code (1 if a file failed). The scores are the engine's own
     (`predict_scores`: softmax, or per-label sigmoid for a multi-label task)."""
@@ -222,8 +224,13 @@ def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = F
         if item.error is not None:
             continue
         try:
-            item.image = preprocess(read_array(item.path), dims=dims, size=info.size, in_channels=info.in_channels,
-                                    window=window)
+            if dims == 3:  # voxel spacing: engine/spacing.py
+                from engine.spacing import read_volume
+
+                array, item.note = read_volume(item.path, spacing=spacing, resample=resample)
+            else:
+                array = read_array(item.path)
+            item.image = preprocess(array, dims=dims, size=info.size, in_channels=info.in_channels, window=window)
         except InputError as err:
             item.error = str(err)
         except MemoryError:  # this file only: the others are still scored
@@ -246,21 +253,21 @@ def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = F
 
     k = info.num_classes
     multilabel = info.is_multilabel
-    header = ["path", "label", "label_name", *[f"prob_{c}" for c in range(k)], "error"]
+    header = ["path", "label", "label_name", *[f"prob_{c}" for c in range(k)], "error", "notes"]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     row_scores = iter(scores if scores is not None else [])
     for item in items:
         if item.error is not None:
-            writer.writerow([item.path, "", "", *[""] * k, item.error])
+            writer.writerow([item.path, "", "", *[""] * k, item.error, item.note])
             print(f"error: {item.path}: {item.error}", file=sys.stderr)
             continue
         p = next(row_scores)
         chosen = [c for c in range(k) if p[c] > 0.5] if multilabel else [int(np.argmax(p))]
         writer.writerow([item.path, ";".join(map(str, chosen)),
                          ";".join(info.label_names.get(str(c), str(c)) for c in chosen),
-                         *[f"{v:.6g}" for v in p], ""])
+                         *[f"{v:.6g}" for v in p], "", item.note])
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(text.getvalue().encode(), out)
     failed = len(items) - len(good)

@@ -102,7 +102,12 @@ def restore_rng_state(state: dict) -> str | None:
 
 def dataset_for(cfg: Config) -> DatasetInfo:
     """The dataset's info, checking `data.out_class_num` against the class count of medmnist.INFO."""
-    info = dataset_info(cfg.data.name, size=cfg.data.size, root=cfg.data.root)
+    if cfg.data.name == "csv":  # your own files (data/csv_dataset.py), preprocessed once into a cached .npz
+        from data.csv_dataset import prepare
+
+        info = prepare(cfg.data, dims=get_model_entry(cfg.model_name).dims)
+    else:
+        info = dataset_for_flag(cfg)
     check_dims(cfg.model_name, info)
     if cfg.data.out_class_num is not None and cfg.data.out_class_num != info.num_classes:
         raise ConfigError(f"data.out_class_num = {cfg.data.out_class_num} contradicts {cfg.data.name}, "
@@ -110,11 +115,24 @@ def dataset_for(cfg: Config) -> DatasetInfo:
     return info
 
 
+def dataset_for_flag(cfg: Config) -> DatasetInfo:
+    """A MedMNIST or synthetic dataset's info; `data.csv` belongs to data.name "csv" only."""
+    if cfg.data.csv:
+        raise ConfigError(f"data.csv is set but data.name is {cfg.data.name!r}; set data.name to \"csv\" to train "
+                          f"on the files the CSV lists (or remove data.csv)")
+    return dataset_info(cfg.data.name, size=cfg.data.size, root=cfg.data.root)
+
+
 def load_data(cfg: Config, device: torch.device, splits=("train", "val", "test")):
     """(info, {split: Split}) with the uint8 splits on `device` when `data.device_cache`."""
     info = dataset_for(cfg)
-    loaded = load_splits(cfg.data.name, root=cfg.data.root, size=cfg.data.size, download=cfg.data.download,
-                         splits=splits)
+    if info.name == "csv":
+        from data.csv_dataset import load_cached_splits
+
+        loaded = load_cached_splits(info, splits)
+    else:
+        loaded = load_splits(cfg.data.name, root=cfg.data.root, size=cfg.data.size, download=cfg.data.download,
+                             splits=splits)
     if cfg.train.amp and device.type != "cuda" and "train" in splits and not getattr(cfg.model, "classical", False):
         print(f"warning: train.amp is true but training runs on the {device.type}: bfloat16 autocast is used on "
               f"CUDA only, so train.amp is ignored (float32)", file=sys.stderr)
