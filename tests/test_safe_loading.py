@@ -134,6 +134,8 @@ def test_pickle_payloads_never_run_wherever_a_loader_reads(tmp_path, monkeypatch
         refused(["demo.json", *d, "--checkpoint", str(tmp_path / pt)], "not a checkpoint of this project")
     (tmp_path / "deep").mkdir()
     (tmp_path / "deep" / "best.pt").write_bytes(evil)
+    refused(["demo.json", *d], "not committed")  # without a last.pt, best.pt is not even opened
+    (tmp_path / "deep" / "last.pt").write_bytes(evil)  # with one, last.pt is read (weights_only) to commit it
     refused(["demo.json", *d], "not a checkpoint of this project")
     refused(["demo.json", *d, "--input", str(tmp_path)], "not a checkpoint of this project")
     np.save(tmp_path / "scan.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
