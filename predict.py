@@ -72,7 +72,7 @@ def parse_args(argv=None):
                              "evaluation, for comparison only (shuffled, last partial batch dropped, carried state "
                              "kept, mean over k checkpoints divided by k - 1); see REPRODUCTION.md")
     parser.add_argument("--protocol-seed", type=int, default=0, help="shuffle seed of --protocol original")
-    own = parser.add_argument_group("your own scans (engine/inputs.py; see the README)")
+    own = parser.add_argument_group("your own scans (engine/inputs.py; see docs/own-data.md)")
     own.add_argument("--input", nargs="+", metavar="PATH", help="score these files and folders instead of a split: "
                      "NIfTI (.nii, .nii.gz), NumPy (.npy, .npz with one array), images for 2-D models")
     own.add_argument("--out", type=Path, help="CSV of --input's predictions (default: <run dir>/input_predictions.csv)")

@@ -3,7 +3,7 @@
 They are not torch modules: `train.py` and `predict.py` see the class attribute `classical = True` on the
 config dataclass and hand the run to `engine/classical.py` (features, fitting, model selection on the
 validation split, saving). Their config dataclasses are registered here so that configs, overrides,
-`--help-config`, the README tables and the sweep grids treat them like every other model.
+`--help-config`, the configuration reference and the sweep grids treat them like every other model.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ A new model is one file plus one `@register_model` decorator::
 
 The config dataclass is the single source of truth for the model section of a JSON config: its fields
 are the accepted keys, their types are checked, `metadata["choices"]`, `metadata["min"]` and
-`metadata["max"]` bound the values, and `metadata["help"]` documents them (README and `--help-config`).
+`metadata["max"]` bound the values, and `metadata["help"]` documents them (docs/configuration.md and `--help-config`).
 Only the modules that the chosen variant runs may be built (unused parameters break DDP and inflate counts).
 """
 

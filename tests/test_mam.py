@@ -393,8 +393,8 @@ def test_bad_mam_config_exits_2_with_one_line():
 
 @pytest.mark.parametrize("size, input_size, expected", [("small", 28, "2,748,290"), ("base", 64, "15,795,074"),
                                                         ("tiny", 28, "226,306")])
-def test_vit_parameter_counts_stated_in_the_readme(size, input_size, expected):
+def test_vit_parameter_counts_stated_in_the_docs(size, input_size, expected):
     model = build_model("vit_mam", in_channels=1, num_classes=2, input_size=input_size, size=size)
     assert f"{count_parameters(model):,}" == expected
-    section = (REPO / "README.md").read_text().split("## Memory-Attention (MAM)")[1].split("\n## ")[0]
+    section = (REPO / "docs" / "models.md").read_text().split("## Memory-Attention (MAM)")[1].split("\n## ")[0]
     assert expected in section

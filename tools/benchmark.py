@@ -51,7 +51,7 @@ time, 3 interleaved repetitions). Re-run on a quiet machine with `--threads 2` (
 cases). At D = M = 64 about half of our time is the transformer processor (the same work as the
 original's) and a fifth is dropout's random draws, so the per-token savings move the total little.
 
-The output is Markdown (header lines and one table per device), ready to paste into README.md.
+The output is Markdown (header lines and one table per device), ready to paste into REPRODUCTION.md.
 """
 
 from __future__ import annotations
