@@ -366,8 +366,7 @@ def _stat(file: Path) -> list:
 
 def _preprocess_file(row: Row, settings: dict) -> tuple[np.ndarray | None, str, str | None]:
     """(uint8 (C, S, S[, S]) or None, note, error) of one file, exactly as predict.py --input prepares it."""
-    from engine.inputs import InputError, preprocess, read_array
-    from engine.spacing import read_volume
+    from engine.inputs import InputError, preprocess, read_array, read_volume
 
     window = tuple(settings["window"]) if settings["window"] else None
     file = row.file

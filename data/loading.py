@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import download as _download
+import data.download as _download
 from data.info import SPLIT_NAMES, DataError, DatasetInfo, dataset_info
 from data.synthetic import make_synthetic_split, make_synthetic_split_2d
 

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine import spacing as spacing_module
+
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".npy", ".npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".npz")
 
@@ -225,8 +227,6 @@ def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = F
             continue
         try:
             if dims == 3:  # voxel spacing: engine/spacing.py
-                from engine.spacing import read_volume
-
                 array, item.note = read_volume(item.path, spacing=spacing, resample=resample)
             else:
                 array = read_array(item.path)
@@ -274,3 +274,27 @@ def predict_inputs(paths, *, model, info, batch_size: int, device, amp: bool = F
     print(f"scored {len(good)} of {len(items)} input file(s){f'; {failed} failed (see the error column)' if failed else ''}"
           f"; wrote {out}")
     return 1 if failed else 0
+
+
+def read_volume(path: str | Path, *, spacing=None, resample: bool = True,
+                tolerance: float = spacing_module.TOLERANCE) -> tuple[np.ndarray, str]:
+    """(array, note) of one volume file: `read_array`'s array, resampled to isotropic voxels (engine/spacing.py)
+    when `resample`; `spacing` is the voxel size of .npy / .npz files (NIfTI files carry their own)."""
+    array = read_array(path)
+    if not resample:
+        return array, ""
+    if suffix_of(Path(path)) in (".nii", ".nii.gz"):
+        try:
+            spacing = spacing_module.nifti_spacing(path)
+        except Exception as err:  # noqa: BLE001 - read_array read it, so this is a header problem of this file
+            raise InputError(f"cannot read the voxel spacing: {err}") from None
+    if spacing is None:
+        return array, ""
+    if array.ndim == 4 and 1 in (array.shape[0], array.shape[-1]):  # one channel: as preprocess squeezes it
+        array = array[..., 0] if array.shape[-1] == 1 else array[0]
+    if array.ndim != 3 or array.dtype.kind not in "biuf":
+        return array, ""  # preprocess names the problem
+    try:
+        return spacing_module.resample_isotropic(array, spacing, tolerance)
+    except ValueError as err:
+        raise InputError(str(err)) from None

@@ -1,5 +1,5 @@
 """Voxel spacing of the user's volumes: a NIfTI's voxel sizes in the (S, A, R) axis order `engine.inputs.read_array`
-gives its array, and resampling to isotropic voxels before the resize to the model's input size.
+gives its array (engine/inputs.py reads the files and calls these), and resampling to isotropic voxels before the resize to the model's input size.
 
 A CT of 0.7 x 0.7 x 5 mm voxels, resized axis by axis, would treat its few thick slices like thin ones; with
 `resample` (the default) a volume whose voxel sizes differ by more than `TOLERANCE` (relative) is first resampled
@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from engine.inputs import InputError, read_array, suffix_of
 
 TOLERANCE = 0.01
 """Voxel sizes within 1 % of each other count as isotropic (no resampling)."""
@@ -43,7 +41,7 @@ def resample_isotropic(volume: np.ndarray, spacing, tolerance: float = TOLERANCE
     differ by more than `tolerance`; otherwise itself and an empty note."""
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(f"voxel spacing {spacing} is not three positive sizes")
+        raise ValueError(f"voxel spacing {spacing} is not three positive sizes")
     finest = min(spacing)
     if max(spacing) <= finest * (1 + tolerance):
         return volume, ""
@@ -54,24 +52,3 @@ def resample_isotropic(volume: np.ndarray, spacing, tolerance: float = TOLERANCE
     sizes = " x ".join(f"{s:g}" for s in spacing)
     return out, (f"resampled from voxels of {sizes} mm (axes 0, 1, 2) to isotropic {finest:g} mm: "
                  f"shape {tuple(volume.shape)} -> {shape}")
-
-
-def read_volume(path: str | Path, *, spacing=None, resample: bool = True,
-                tolerance: float = TOLERANCE) -> tuple[np.ndarray, str]:
-    """(array, note) of one volume file: `read_array`'s array, resampled to isotropic voxels (module docstring)
-    when `resample`; `spacing` is the voxel size of .npy / .npz files (NIfTI files carry their own)."""
-    array = read_array(path)
-    if not resample:
-        return array, ""
-    if suffix_of(Path(path)) in (".nii", ".nii.gz"):
-        try:
-            spacing = nifti_spacing(path)
-        except Exception as err:  # noqa: BLE001 - read_array read it, so this is a header problem of this file
-            raise InputError(f"cannot read the voxel spacing: {err}") from None
-    if spacing is None:
-        return array, ""
-    if array.ndim == 4 and 1 in (array.shape[0], array.shape[-1]):  # one channel: as preprocess squeezes it
-        array = array[..., 0] if array.shape[-1] == 1 else array[0]
-    if array.ndim != 3 or array.dtype.kind not in "biuf":
-        return array, ""  # preprocess names the problem
-    return resample_isotropic(array, spacing, tolerance)

@@ -13,7 +13,8 @@ import pytest
 import predict
 import train
 from engine.inputs import preprocess
-from engine.spacing import nifti_spacing, read_volume, resample_isotropic
+from engine.inputs import read_volume
+from engine.spacing import nifti_spacing, resample_isotropic
 
 TINY = ["--model.dim", "16", "--model.memory_tokens", "16", "--model.heads", "2", "--train.batch_size", "32",
         "--train.epochs", "1", "--output.plots", "false"]
