@@ -191,10 +191,18 @@ TINY = ["--model.dim", "16", "--model.memory_tokens", "16", "--model.heads", "2"
         "--eval.batch_size", "32", "--train.epochs", "1"]
 
 
-def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A tiny LMTTM trained for one epoch on synthetic3d: (its folder, the command line)."""
+    tmp_path = tmp_path_factory.mktemp("explain")
     run = ["demo.json", *TINY, "--output.dir", str(tmp_path), "--output.name", "run"]
     assert train.main(run) == 0
-    out = tmp_path / "run" / "eval" / "test"
+    return tmp_path / "run", run
+
+
+def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(demo_run):
+    run_dir, run = demo_run
+    out = run_dir / "eval" / "test"
     assert predict.main(run) == 0
     before = {name: (out / name).read_bytes() for name in ("metrics.json", "predictions.npz")}
     assert predict.main([*run, "--explain", "2"]) == 0
@@ -213,9 +221,45 @@ def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(tmp_pa
     (["--explain", "0"], "at least 1"),
     (["--explain", "1", "--occlusion-cube", "29"], "between 1 and the volume side 28"),
     (["--explain", "1", "--explain-method", "attention", "--model.name", "resnet18_3d"], "needs LMTTM or TTM"),
-    (["--explain", "1", "--protocol", "original"], "excludes --input and --protocol original"),
+    (["--explain", "1", "--protocol", "original"], "excludes --protocol original"),
 ])
 def test_bad_explain_requests_are_refused_before_anything_is_written(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         predict.main(["demo.json", "--output.dir", str(tmp_path), "--output.name", "none", *extra])
     assert not (tmp_path / "none").exists()
+
+
+def test_input_explain_maps_every_good_file_like_the_split(demo_run, tmp_path):
+    """--input with --explain: one map per scored file (named by its CSV row), none for a bad file, the CSV
+    unchanged; a file holding a test volume (--window 0 255: the model sees exactly that uint8 array) gets the
+    map the split's sample gets, for the same predicted class (Grad-CAM depends on it)."""
+    from engine.setup import load_data
+
+    run_dir, run = demo_run
+    cfg = predict.load_config("demo.json", predict.parse_args(run)[1])
+    volumes = load_data(cfg, torch.device("cpu"), splits=("test",))[1]["test"].images[:2, 0].numpy()
+    assert volumes.max() < 255  # the window, not min/max scaling, keeps the array as it is
+    np.save(tmp_path / "a.npy", volumes[0])
+    np.save(tmp_path / "c.npy", volumes[1])
+    np.save(tmp_path / "b.npy", np.full((28, 28, 28), np.nan))
+    files = ["--input", *(str(tmp_path / f"{n}.npy") for n in "abc"), "--window", "0", "255"]
+    assert predict.main([*run, *files, "--save-preprocessed", str(tmp_path / "seen")]) == 1  # b.npy fails
+    np.testing.assert_array_equal(np.load(tmp_path / "seen" / "0000_a.npy")[0], volumes[0] / np.float32(255))
+    csv_bytes = (run_dir / "input_predictions.csv").read_bytes()
+    assert predict.main([*run, *files, "--explain", "5"]) == 1
+    assert (run_dir / "input_predictions.csv").read_bytes() == csv_bytes
+    folder = run_dir / "input_predictions_explain" / "attention"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{kind}{n}.{ext}" for kind, ext in (("", "npy"), ("", "png"), ("memory_", "npz"), ("memory_", "png"))
+        for n in ("0000_a", "0002_c"))
+    split = run_dir / "eval" / "test" / "explain"
+    assert predict.main([*run, "--explain", "2"]) == 0  # (each split run replaces eval/test/ as one unit)
+    np.testing.assert_allclose(np.load(folder / "0002_c.npy"), np.load(split / "attention" / "0001.npy"),
+                               rtol=1e-5, atol=1e-9)
+    assert predict.main([*run, "--explain", "2", "--explain-method", "gradcam"]) == 0
+    assert predict.main([*run, *files, "--explain", "1", "--explain-method", "gradcam"]) == 1
+    mine = run_dir / "input_predictions_explain" / "gradcam"
+    assert sorted(p.name for p in mine.iterdir()) == ["0000_a.npy", "0000_a.png"]
+    split_map = np.load(split / "gradcam" / "0000.npy")
+    assert split_map.max() > 0
+    np.testing.assert_allclose(np.load(mine / "0000_a.npy"), split_map, rtol=1e-5, atol=1e-9)
