@@ -188,6 +188,7 @@ def _predict_inputs(args, cfg, device, info) -> int:
     model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or committed_best(cfg.run_dir))
     full = uses_full_batches(trained_cfg.model)
     out, window = args.out or cfg.run_dir / INPUT_PREDICTIONS, tuple(args.window) if args.window else None
+    what = "the predictions"
     try:
         code = predict_inputs(args.input, model=model.to(device), info=info,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
@@ -196,6 +197,7 @@ def _predict_inputs(args, cfg, device, info) -> int:
         if args.explain:  # after the CSV is written; maps beside it, in <CSV name>_explain/<method>/
             from engine.explain import explain_inputs
 
+            what = "the explanation maps"
             explain_inputs(model, args.input, info, out.parent / f"{out.stem}_explain", method=args.explain_method,
                            count=args.explain, window=window, device=device, cube=args.occlusion_cube,
                            stride=args.occlusion_stride)
@@ -203,7 +205,7 @@ def _predict_inputs(args, cfg, device, info) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     except OSError as err:
-        raise RunDirError(f"cannot write the predictions: {err}") from None
+        raise RunDirError(f"cannot write {what}: {err}") from None
 
 
 def _evaluate(args, cfg, split_name, device, info) -> int:

@@ -335,7 +335,7 @@ def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: in
     volume: `out_dir/<method>/NNNN_<name>.npy` and `.png` (NNNN: the file's row in the CSV, as
     --save-preprocessed numbers them), with the file name, prediction and probability in the title. Files
     that cannot be read get no map (their CSV row says why). Returns the method's folder (None: no file)."""
-    from engine.inputs import InputError, collect, preprocess, read_array
+    from engine.inputs import collect, preprocess, read_array
 
     chosen = []
     for i, item in enumerate(collect(paths, info.dims)):
@@ -345,7 +345,7 @@ def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: in
             try:
                 image = preprocess(read_array(item.path), dims=info.dims, size=info.size,
                                    in_channels=info.in_channels, window=window)
-            except (InputError, MemoryError, ValueError, RuntimeError):
+            except Exception:  # noqa: BLE001 - as predict_inputs: its CSV row says why, no map
                 continue
             chosen.append((i, Path(item.path).name, torch.from_numpy(image)))
     if not chosen:

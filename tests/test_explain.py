@@ -263,3 +263,37 @@ def test_input_explain_maps_every_good_file_like_the_split(demo_run, tmp_path):
     split_map = np.load(split / "gradcam" / "0000.npy")
     assert split_map.max() > 0
     np.testing.assert_allclose(np.load(mine / "0000_a.npy"), split_map, rtol=1e-5, atol=1e-9)
+
+
+def test_montage_shows_the_anatomy_of_a_64_volume_and_the_maps_peak():
+    """28 slices: all. 64: 16 evenly spaced slices from the first to the last slice holding anatomy (a voxel
+    above a tenth of the maximum), stretched to the map's strongest slice when that lies outside."""
+    from engine.explain_plots import montage_slices
+
+    assert montage_slices(np.zeros((28, 28, 28))) == list(range(28))
+    volume = np.zeros((64, 64, 64))
+    volume[20:46, 30:40, 30:40] = 1.0
+    volume[50, 0, 0] = 0.05  # faint noise is no anatomy
+    heat = np.zeros_like(volume)
+    heat[30] = 1.0
+    shown = montage_slices(volume, heat)
+    assert len(shown) == 16 and shown[0] == 20 and shown[-1] == 45
+    assert all(0 < b - a <= 2 for a, b in zip(shown, shown[1:]))  # 26 slices: every 1st or 2nd one
+    heat[5, 0, 0] = -1e4  # the strongest slice lies outside the anatomy: it is shown too
+    assert montage_slices(volume, heat)[0] == 5 and montage_slices(volume, heat)[-1] == 45
+    volume[:] = 0
+    volume[40:43] = 1.0  # 3 slices of anatomy: 16 consecutive slices around them
+    assert montage_slices(volume) == list(range(34, 50))
+
+
+def test_overlay_colours_are_never_grey_or_white():
+    """Bright anatomy is white/grey: every overlay colour is saturated (max - min of R, G, B at least 0.5), and
+    a signed map's negative colours are blue (B the largest channel), its positive ones red/yellow (R)."""
+    pytest.importorskip("matplotlib")
+    from engine.explain_plots import overlay_colormap
+
+    for signed in (False, True):
+        rgb = overlay_colormap(signed)(np.linspace(0, 1, 257))[:, :3]
+        assert (rgb.max(1) - rgb.min(1) >= 0.5).all()
+    rgb = overlay_colormap(True)(np.linspace(0, 1, 257))[:, :3]
+    assert (rgb[:128].argmax(1) == 2).all() and (rgb[129:].argmax(1) == 0).all()
