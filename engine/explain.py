@@ -334,7 +334,8 @@ def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: in
     the volume the model scored, read again), in the CSV's order, for the class the model predicts on that
     volume: `out_dir/<method>/NNNN_<name>.npy` and `.png` (NNNN: the file's row in the CSV, as
     --save-preprocessed numbers them), with the file name, prediction and probability in the title. Files
-    that cannot be read get no map (their CSV row says why). Returns the method's folder (None: no file)."""
+    that cannot be read get no map (their CSV row says why); the maps of an earlier --input run in that folder
+    are removed. Returns the method's folder (None: no file)."""
     from engine.inputs import collect, preprocess, read_array
 
     chosen = []
@@ -348,6 +349,10 @@ def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: in
             except Exception:  # noqa: BLE001 - as predict_inputs: its CSV row says why, no map
                 continue
             chosen.append((i, Path(item.path).name, torch.from_numpy(image)))
+    folder = out_dir / method
+    for old in folder.glob("*[0-9][0-9][0-9][0-9]_*.*") if folder.is_dir() else []:  # an earlier CSV's maps
+        if old.suffix in (".npy", ".npz", ".png") and old.name.removeprefix("memory_")[:4].isdigit():
+            old.unlink()
     if not chosen:
         return None
     images = torch.stack([image for _, _, image in chosen])
@@ -360,7 +365,7 @@ def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: in
     titles = [f"{name}  predicted: {names.get(str(t), t)} (p = {p[t]:.2f})  [{method}]"
               for (_, name, _), p, t in zip(chosen, probabilities, targets)]
     return write_maps(source, images, targets, [f"{i:04d}_{name.split('.')[0]}" for i, name, _ in chosen], titles,
-                      out_dir / method, method=method, multilabel=info.is_multilabel, device=device, cube=cube,
+                      folder, method=method, multilabel=info.is_multilabel, device=device, cube=cube,
                       stride=stride)
 
 

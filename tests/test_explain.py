@@ -252,9 +252,14 @@ def test_input_explain_maps_every_good_file_like_the_split(demo_run, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{kind}{n}.{ext}" for kind, ext in (("", "npy"), ("", "png"), ("memory_", "npz"), ("memory_", "png"))
         for n in ("0000_a", "0002_c"))
+    map_c = np.load(folder / "0002_c.npy")
+    (folder / "notes.txt").write_text("mine")
+    assert predict.main([*run, *files, "--explain", "1"]) == 1  # a new run: only its maps (and foreign files) stay
+    assert sorted(p.name for p in folder.iterdir()) == ["0000_a.npy", "0000_a.png", "memory_0000_a.npz",
+                                                        "memory_0000_a.png", "notes.txt"]
     split = run_dir / "eval" / "test" / "explain"
     assert predict.main([*run, "--explain", "2"]) == 0  # (each split run replaces eval/test/ as one unit)
-    np.testing.assert_allclose(np.load(folder / "0002_c.npy"), np.load(split / "attention" / "0001.npy"),
+    np.testing.assert_allclose(map_c, np.load(split / "attention" / "0001.npy"),
                                rtol=1e-5, atol=1e-9)
     assert predict.main([*run, "--explain", "2", "--explain-method", "gradcam"]) == 0
     assert predict.main([*run, *files, "--explain", "1", "--explain-method", "gradcam"]) == 1
