@@ -21,19 +21,25 @@ ALPHA = 0.8  # opacity of the largest |value|; it falls linearly to 0 at 0
 def montage_slices(volume: np.ndarray, heat: np.ndarray | None = None) -> list[int]:
     """The depth indices shown: all of them up to MAX_SLICES; else SHOWN evenly spaced over the depth range
     that holds anatomy (slices with a voxel above a tenth of the volume's maximum) and, if the map is not
-    zero, its strongest slice (largest sum of |value|): a small organ in a 64³ volume fills its montage."""
+    zero, its strongest slice (largest sum of |value|), which is always shown: a small organ in a 64³ volume
+    fills its montage."""
     depth = volume.shape[0]
     if depth <= MAX_SLICES:
         return list(range(depth))
     bright = np.flatnonzero(volume.reshape(depth, -1).max(axis=1) > 0.1 * float(volume.max()))
     ends = [int(bright[0]), int(bright[-1])] if len(bright) else [0, depth - 1]
+    peak = None
     if heat is not None and np.abs(heat).max() > 0:
-        ends.append(int(np.abs(heat).reshape(depth, -1).sum(axis=1).argmax()))
+        peak = int(np.abs(heat).reshape(depth, -1).sum(axis=1).argmax())
+        ends.append(peak)
     low, high = min(ends), max(ends)
     if high - low + 1 < SHOWN:  # a thin range: SHOWN consecutive slices around it
         low = max(0, min(low - (SHOWN - (high - low + 1)) // 2, depth - SHOWN))
         high = low + SHOWN - 1
-    return sorted({int(round(v)) for v in np.linspace(low, high, SHOWN)})
+    shown = [int(round(v)) for v in np.linspace(low, high, SHOWN)]
+    if peak is not None and peak not in shown:  # the strongest slice replaces its nearest inner neighbour
+        shown[1 + int(np.argmin([abs(z - peak) for z in shown[1:-1]]))] = peak
+    return sorted(set(shown))
 
 
 def overlay_colormap(signed: bool):

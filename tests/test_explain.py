@@ -284,7 +284,9 @@ def test_montage_shows_the_anatomy_of_a_64_volume_and_the_maps_peak():
     shown = montage_slices(volume, heat)
     assert len(shown) == 16 and shown[0] == 20 and shown[-1] == 45
     assert all(0 < b - a <= 2 for a, b in zip(shown, shown[1:]))  # 26 slices: every 1st or 2nd one
-    heat[5, 0, 0] = -1e4  # the strongest slice lies outside the anatomy: it is shown too
+    heat[21] = 2.0  # the strongest slice, between two evenly spaced ones: shown instead of its neighbour
+    assert montage_slices(volume, heat) == [20, 21, 23, 25, 27, 28, 30, 32, 33, 35, 37, 38, 40, 42, 43, 45]
+    heat[5, 0, 0] = -1e6  # the strongest slice lies outside the anatomy: it is shown too
     assert montage_slices(volume, heat)[0] == 5 and montage_slices(volume, heat)[-1] == 45
     volume[:] = 0
     volume[40:43] = 1.0  # 3 slices of anatomy: 16 consecutive slices around them
