@@ -88,7 +88,8 @@ def parse_args(argv=None):
                      help="write what the model saw, one .npy per input (float in [0, 1], (C, S, S, S))")
     why = parser.add_argument_group("explanation maps (engine/explain.py; see the README)")
     why.add_argument("--explain", type=int, metavar="N", help="also write maps of where the model looked for the "
-                     "first N samples of the split: eval/<split>/explain/<method>/NNNN.png and .npy")
+                     "first N samples of the split: eval/<split>/explain/<method>/NNNN.png and .npy (with --input: "
+                     "the first N files scored, <CSV name>_explain/<method>/NNNN_<file>.png beside the CSV)")
     why.add_argument("--explain-method", choices=["attention", "gradcam", "occlusion"], default="attention",
                      help="attention: LMTTM/TTM read weights (default); gradcam: last conv/stem feature map; "
                           "occlusion: any model")
@@ -191,19 +192,27 @@ def _predict_inputs(args, cfg, device, info) -> int:
         raise ConfigError(f"--input needs a neural-network checkpoint; {cfg.model_name} is a scikit-learn baseline")
     model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or committed_best(cfg.run_dir))
     full = uses_full_batches(trained_cfg.model)
+    out, window = args.out or cfg.run_dir / INPUT_PREDICTIONS, tuple(args.window) if args.window else _data_window(cfg)
+    resample = not args.no_resample and not (cfg.data.name == "csv" and not cfg.data.resample)
+    what = "the predictions"
     try:
-        return predict_inputs(args.input, model=model.to(device), info=info,
+        code = predict_inputs(args.input, model=model.to(device), info=info,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
-                              amp=trained_cfg.train.amp, full_batches=full,
-                              window=tuple(args.window) if args.window else _data_window(cfg),
-                              spacing=args.input_spacing,
-                              resample=not args.no_resample and not (cfg.data.name == "csv" and not cfg.data.resample),
-                              out=args.out or cfg.run_dir / INPUT_PREDICTIONS,
+                              amp=trained_cfg.train.amp, full_batches=full, window=window, spacing=args.input_spacing,
+                              resample=resample, out=out,
                               save_preprocessed=args.save_preprocessed)
+        if args.explain:  # after the CSV is written; maps beside it, in <CSV name>_explain/<method>/
+            from engine.explain import explain_inputs
+
+            what = "the explanation maps"
+            explain_inputs(model, args.input, info, out.parent / f"{out.stem}_explain", method=args.explain_method,
+                           count=args.explain, window=window, device=device, cube=args.occlusion_cube,
+                           stride=args.occlusion_stride, spacing=args.input_spacing, resample=resample)
+        return code
     except ValueError as err:
         raise ConfigError(str(err)) from None
     except OSError as err:
-        raise RunDirError(f"cannot write the predictions: {err}") from None
+        raise RunDirError(f"cannot write {what}: {err}") from None
 
 
 def _data_window(cfg):
@@ -266,9 +275,9 @@ def _evaluate(args, cfg, split_name, device, info) -> int:
 def _check_explain(args, cfg, info) -> None:
     from engine.explain import check_request
 
-    if args.input or args.protocol != "medmnist":
+    if args.protocol != "medmnist":
         raise ConfigError("--explain maps the first samples of a split scored with the MedMNIST protocol; it "
-                          "excludes --input and --protocol original")
+                          "excludes --protocol original")
     check_request(args.explain_method, args.explain, cfg.model_name, cfg.model, info.size, args.occlusion_cube,
                   args.occlusion_stride)
 

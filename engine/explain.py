@@ -318,40 +318,94 @@ def explain_split(source, split, info, out_dir: Path, *, method: str, count: int
     scores predict.py wrote): `out_dir/<method>/NNNN.npy` (float32 (S, S, S)) and `NNNN.png` (montage,
     engine/explain_plots.py, skipped with a note without matplotlib), LMTTM/TTM attention also
     `memory_NNNN.png` and `memory_NNNN.npz`. Returns the method's folder."""
+    count = min(count, len(split))
+    labels = split.labels[:count].cpu().numpy()
+    scores = np.asarray(scores[:count])
+    targets = scores.argmax(axis=1)
+    titles = [_title(info, i, labels[i], int(targets[i]), float(scores[i][targets[i]]), method) for i in range(count)]
+    return write_maps(source, split.images[:count], targets, [f"{i:04d}" for i in range(count)], titles,
+                      out_dir / method, method=method, multilabel=info.is_multilabel, device=device, cube=cube,
+                      stride=stride)
+
+
+def explain_inputs(source, paths, info, out_dir: Path, *, method: str, count: int, window=None, device="cpu",
+                   cube: int | None = None, stride: int | None = None, spacing=None,
+                   resample: bool = True) -> Path | None:
+    """predict.py --input --explain: maps of the first `count` input files that preprocess (engine/inputs.py,
+    the volume the model scored, read again), in the CSV's order, for the class the model predicts on that
+    volume: `out_dir/<method>/NNNN_<name>.npy` and `.png` (NNNN: the file's row in the CSV, as
+    --save-preprocessed numbers them), with the file name, prediction and probability in the title. Files
+    that cannot be read get no map (their CSV row says why); the maps of an earlier --input run in that folder
+    are removed. Returns the method's folder (None: no file)."""
+    from engine.inputs import collect, preprocess, read_array, read_volume
+
+    chosen = []
+    for i, item in enumerate(collect(paths, info.dims)):
+        if len(chosen) == count:
+            break
+        if item.error is None:
+            try:
+                array = (read_volume(item.path, spacing=spacing, resample=resample)[0] if info.dims == 3
+                         else read_array(item.path))  # as predict_inputs reads it (voxel spacing included)
+                image = preprocess(array, dims=info.dims, size=info.size, in_channels=info.in_channels,
+                                   window=window)
+            except Exception:  # noqa: BLE001 - as predict_inputs: its CSV row says why, no map
+                continue
+            chosen.append((i, Path(item.path).name, torch.from_numpy(image)))
+    folder = out_dir / method
+    for old in folder.glob("*[0-9][0-9][0-9][0-9]_*.*") if folder.is_dir() else []:  # an earlier CSV's maps
+        if old.suffix in (".npy", ".npz", ".png") and old.name.removeprefix("memory_")[:4].isdigit():
+            old.unlink()
+    if not chosen:
+        return None
+    images = torch.stack([image for _, _, image in chosen])
+    source.eval().to(device)  # a torch model (predict.py --input refuses the scikit-learn baselines)
+    with torch.no_grad():
+        probabilities = torch.cat([torch_scorer(source, info.is_multilabel)(x.to(device).float() / 255.0).cpu()
+                                   for x in images.split(8)]).numpy()
+    targets = probabilities.argmax(axis=1)
+    names = info.label_names
+    titles = [f"{name}  predicted: {names.get(str(t), t)} (p = {p[t]:.2f})  [{method}]"
+              for (_, name, _), p, t in zip(chosen, probabilities, targets)]
+    return write_maps(source, images, targets, [f"{i:04d}_{name.split('.')[0]}" for i, name, _ in chosen], titles,
+                      folder, method=method, multilabel=info.is_multilabel, device=device, cube=cube,
+                      stride=stride)
+
+
+def write_maps(source, images: torch.Tensor, targets: np.ndarray, names: list[str], titles: list[str],
+               folder: Path, *, method: str, multilabel: bool, device="cpu", cube: int | None = None,
+               stride: int | None = None) -> Path:
+    """Maps of uint8 volumes `images` (N, C, S, S, S) for classes `targets`: `folder/<name>.npy` and
+    `<name>.png`, attention also `memory_<name>.png` / `.npz`, in batches of 8."""
     from engine.explain_plots import plot_memory, plot_montage
     from engine.plots import MissingDependency
     from engine.rundir import atomic_write_bytes
 
-    folder = out_dir / method
     folder.mkdir(parents=True, exist_ok=True)
-    count = min(count, len(split))
-    labels = split.labels[:count].cpu().numpy()
-    x = split.images[:count].to(device).float() / 255.0
-    targets = torch.from_numpy(np.asarray(scores[:count]).argmax(axis=1))
+    x = images.to(device).float() / 255.0
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
     if not isinstance(source, dict):
         source.to(device)
     plots = True
-    for first in range(0, count, 8):
+    for first in range(0, len(names), 8):
         maps, records = explain_batch(source, x[first:first + 8], targets[first:first + 8], method,
-                                      multilabel=info.task == "multi-label, binary-class", cube=cube, stride=stride)
+                                      multilabel=multilabel, cube=cube, stride=stride)
         for j, volume_map in enumerate(maps.numpy().astype(np.float32)):
             i = first + j
-            buffer = _npy_bytes(volume_map)
-            atomic_write_bytes(buffer, folder / f"{i:04d}.npy")
-            title = _title(info, i, labels[i], int(targets[i]), float(scores[i][targets[i]]), method)
+            atomic_write_bytes(_npy_bytes(volume_map), folder / f"{names[i]}.npy")
             if records is not None:
-                atomic_write_bytes(_npz_bytes(records[j]), folder / f"memory_{i:04d}.npz")
+                atomic_write_bytes(_npz_bytes(records[j]), folder / f"memory_{names[i]}.npz")
             if not plots:
                 continue
             try:
-                plot_montage(x[i, 0].cpu().numpy(), volume_map, folder / f"{i:04d}.png", title,
+                plot_montage(x[i, 0].cpu().numpy(), volume_map, folder / f"{names[i]}.png", titles[i],
                              signed=method == "occlusion")
                 if records is not None:
-                    plot_memory(records[j], folder / f"memory_{i:04d}.png", title)
+                    plot_memory(records[j], folder / f"memory_{names[i]}.png", titles[i])
             except MissingDependency as err:
                 print(f"note: no explanation PNGs: {err}")
                 plots = False
-    print(f"wrote {count} {method} map(s) to {folder}")
+    print(f"wrote {len(names)} {method} map(s) to {folder}")
     return folder
 
 

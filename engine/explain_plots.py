@@ -1,7 +1,8 @@
 """Pictures of explanation maps (engine/explain.py); matplotlib is optional, as for engine/plots.py.
 
 `plot_montage`: the depth slices of a volume in grey with the map overlaid (all slices up to 32, else 16
-evenly spaced ones), one colour scale for the whole volume. `plot_memory`: LMTTM's / TTM's memory use per step.
+evenly spaced over the anatomy and the map's strongest slice), one colour scale for the whole volume, in
+colours that bright anatomy never has. `plot_memory`: LMTTM's / TTM's memory use per step.
 """
 
 from __future__ import annotations
@@ -12,27 +13,59 @@ import numpy as np
 
 from engine.plots import pyplot
 
-MAX_SLICES = 32  # more slices than this: show 16 evenly spaced ones
+MAX_SLICES = 32  # more slices than this (64³): show SHOWN of them
+SHOWN = 16
+ALPHA = 0.8  # opacity of the largest |value|; it falls linearly to 0 at 0
 
 
-def montage_slices(depth: int) -> list[int]:
-    """The depth indices shown: all of them up to MAX_SLICES, else 16 evenly spaced."""
+def montage_slices(volume: np.ndarray, heat: np.ndarray | None = None) -> list[int]:
+    """The depth indices shown: all of them up to MAX_SLICES; else SHOWN evenly spaced over the depth range
+    that holds anatomy (slices with a voxel above a tenth of the volume's maximum) and, if the map is not
+    zero, its strongest slice (largest sum of |value|), which is always shown: a small organ in a 64³ volume
+    fills its montage."""
+    depth = volume.shape[0]
     if depth <= MAX_SLICES:
         return list(range(depth))
-    return sorted({int(round(v)) for v in np.linspace(0, depth - 1, 16)})
+    bright = np.flatnonzero(volume.reshape(depth, -1).max(axis=1) > 0.1 * float(volume.max()))
+    ends = [int(bright[0]), int(bright[-1])] if len(bright) else [0, depth - 1]
+    peak = None
+    if heat is not None and np.abs(heat).max() > 0:
+        peak = int(np.abs(heat).reshape(depth, -1).sum(axis=1).argmax())
+        ends.append(peak)
+    low, high = min(ends), max(ends)
+    if high - low + 1 < SHOWN:  # a thin range: SHOWN consecutive slices around it
+        low = max(0, min(low - (SHOWN - (high - low + 1)) // 2, depth - SHOWN))
+        high = low + SHOWN - 1
+    shown = [int(round(v)) for v in np.linspace(low, high, SHOWN)]
+    if peak is not None and peak not in shown:  # the strongest slice replaces its nearest inner neighbour
+        shown[1 + int(np.argmin([abs(z - peak) for z in shown[1:-1]]))] = peak
+    return sorted(set(shown))
+
+
+def overlay_colormap(signed: bool):
+    """Colours that never look like grey anatomy (no white, no grey, no black): values from 0 to the peak go
+    dark red -> red -> orange -> yellow (matplotlib's `hot` without its black and white ends); a signed map's
+    negative values go dark blue -> blue -> cyan (`cool`-like, by their |value|). The opacity shows the size."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LinearSegmentedColormap, ListedColormap
+
+    warm = colormaps["hot"](np.linspace(0.3, 0.8, 128))
+    if not signed:
+        return ListedColormap(warm, name="explain")
+    cold = LinearSegmentedColormap.from_list("cold", ["#00e5ff", "#1f6bff", "#2a1fd6"])(np.linspace(0, 1, 128))
+    return ListedColormap(np.vstack([cold, warm]), name="explain_signed")
 
 
 def plot_montage(volume: np.ndarray, heat: np.ndarray, out: Path, title: str, *, signed: bool = False) -> Path:
-    """Montage of the depth slices of `volume` (S, S, S) in grey with `heat` (S, S, S) overlaid (opacity
-    grows with |value|); `signed` maps use a blue (negative) to red (positive) scale, the others 0..max."""
+    """Montage of the depth slices of `volume` (S, S, S) in grey with `heat` (S, S, S) overlaid
+    (`montage_slices`, `overlay_colormap`; opacity grows with |value|, one scale for the whole volume)."""
     plt = pyplot()
-    from matplotlib import colormaps
 
-    slices = montage_slices(volume.shape[0])
+    slices = montage_slices(volume, heat)
     cols = 7 if len(slices) % 7 == 0 else 8
     rows = -(-len(slices) // cols)
     peak = float(np.abs(heat).max()) or 1.0
-    cmap = colormaps["bwr" if signed else "jet"]
+    cmap = overlay_colormap(signed)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols + 0.9, 1.6 * rows + 0.7), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -40,10 +73,11 @@ def plot_montage(volume: np.ndarray, heat: np.ndarray, out: Path, title: str, *,
         ax.imshow(volume[z], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         value = heat[z] / peak
         rgba = cmap((value + 1) / 2 if signed else value)
-        rgba[..., 3] = 0.6 * np.clip(np.abs(value), 0, 1)
+        rgba[..., 3] = ALPHA * np.clip(np.abs(value), 0, 1)
         ax.imshow(rgba, interpolation="nearest")
         ax.set_title(f"z = {z}", fontsize=7, pad=2)
-    fig.suptitle(title, fontsize=9)
+    shown = "" if len(slices) == volume.shape[0] else f"  (slices {slices[0]}..{slices[-1]} of {volume.shape[0]})"
+    fig.suptitle(title + shown, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.9, bottom=0.01, top=0.9, wspace=0.04, hspace=0.18)
     bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
     scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-peak if signed else 0.0, peak))

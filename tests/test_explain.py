@@ -191,10 +191,18 @@ TINY = ["--model.dim", "16", "--model.memory_tokens", "16", "--model.heads", "2"
         "--eval.batch_size", "32", "--train.epochs", "1"]
 
 
-def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A tiny LMTTM trained for one epoch on synthetic3d: (its folder, the command line)."""
+    tmp_path = tmp_path_factory.mktemp("explain")
     run = ["demo.json", *TINY, "--output.dir", str(tmp_path), "--output.name", "run"]
     assert train.main(run) == 0
-    out = tmp_path / "run" / "eval" / "test"
+    return tmp_path / "run", run
+
+
+def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(demo_run):
+    run_dir, run = demo_run
+    out = run_dir / "eval" / "test"
     assert predict.main(run) == 0
     before = {name: (out / name).read_bytes() for name in ("metrics.json", "predictions.npz")}
     assert predict.main([*run, "--explain", "2"]) == 0
@@ -213,9 +221,86 @@ def test_predict_explain_writes_maps_and_leaves_the_scores_byte_identical(tmp_pa
     (["--explain", "0"], "at least 1"),
     (["--explain", "1", "--occlusion-cube", "29"], "between 1 and the volume side 28"),
     (["--explain", "1", "--explain-method", "attention", "--model.name", "resnet18_3d"], "needs LMTTM or TTM"),
-    (["--explain", "1", "--protocol", "original"], "excludes --input and --protocol original"),
+    (["--explain", "1", "--protocol", "original"], "excludes --protocol original"),
 ])
 def test_bad_explain_requests_are_refused_before_anything_is_written(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         predict.main(["demo.json", "--output.dir", str(tmp_path), "--output.name", "none", *extra])
     assert not (tmp_path / "none").exists()
+
+
+def test_input_explain_maps_every_good_file_like_the_split(demo_run, tmp_path):
+    """--input with --explain: one map per scored file (named by its CSV row), none for a bad file, the CSV
+    unchanged; a file holding a test volume (--window 0 255: the model sees exactly that uint8 array) gets the
+    map the split's sample gets, for the same predicted class (Grad-CAM depends on it)."""
+    from engine.setup import load_data
+
+    run_dir, run = demo_run
+    cfg = predict.load_config("demo.json", predict.parse_args(run)[1])
+    volumes = load_data(cfg, torch.device("cpu"), splits=("test",))[1]["test"].images[:2, 0].numpy()
+    assert volumes.max() < 255  # the window, not min/max scaling, keeps the array as it is
+    np.save(tmp_path / "a.npy", volumes[0])
+    np.save(tmp_path / "c.npy", volumes[1])
+    np.save(tmp_path / "b.npy", np.full((28, 28, 28), np.nan))
+    files = ["--input", *(str(tmp_path / f"{n}.npy") for n in "abc"), "--window", "0", "255"]
+    assert predict.main([*run, *files, "--save-preprocessed", str(tmp_path / "seen")]) == 1  # b.npy fails
+    np.testing.assert_array_equal(np.load(tmp_path / "seen" / "0000_a.npy")[0], volumes[0] / np.float32(255))
+    csv_bytes = (run_dir / "input_predictions.csv").read_bytes()
+    assert predict.main([*run, *files, "--explain", "5"]) == 1
+    assert (run_dir / "input_predictions.csv").read_bytes() == csv_bytes
+    folder = run_dir / "input_predictions_explain" / "attention"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{kind}{n}.{ext}" for kind, ext in (("", "npy"), ("", "png"), ("memory_", "npz"), ("memory_", "png"))
+        for n in ("0000_a", "0002_c"))
+    map_c = np.load(folder / "0002_c.npy")
+    (folder / "notes.txt").write_text("mine")
+    assert predict.main([*run, *files, "--explain", "1"]) == 1  # a new run: only its maps (and foreign files) stay
+    assert sorted(p.name for p in folder.iterdir()) == ["0000_a.npy", "0000_a.png", "memory_0000_a.npz",
+                                                        "memory_0000_a.png", "notes.txt"]
+    split = run_dir / "eval" / "test" / "explain"
+    assert predict.main([*run, "--explain", "2"]) == 0  # (each split run replaces eval/test/ as one unit)
+    np.testing.assert_allclose(map_c, np.load(split / "attention" / "0001.npy"),
+                               rtol=1e-5, atol=1e-9)
+    assert predict.main([*run, "--explain", "2", "--explain-method", "gradcam"]) == 0
+    assert predict.main([*run, *files, "--explain", "1", "--explain-method", "gradcam"]) == 1
+    mine = run_dir / "input_predictions_explain" / "gradcam"
+    assert sorted(p.name for p in mine.iterdir()) == ["0000_a.npy", "0000_a.png"]
+    split_map = np.load(split / "gradcam" / "0000.npy")
+    assert split_map.max() > 0
+    np.testing.assert_allclose(np.load(mine / "0000_a.npy"), split_map, rtol=1e-5, atol=1e-9)
+
+
+def test_montage_shows_the_anatomy_of_a_64_volume_and_the_maps_peak():
+    """28 slices: all. 64: 16 evenly spaced slices from the first to the last slice holding anatomy (a voxel
+    above a tenth of the maximum), stretched to the map's strongest slice when that lies outside."""
+    from engine.explain_plots import montage_slices
+
+    assert montage_slices(np.zeros((28, 28, 28))) == list(range(28))
+    volume = np.zeros((64, 64, 64))
+    volume[20:46, 30:40, 30:40] = 1.0
+    volume[50, 0, 0] = 0.05  # faint noise is no anatomy
+    heat = np.zeros_like(volume)
+    heat[30] = 1.0
+    shown = montage_slices(volume, heat)
+    assert len(shown) == 16 and shown[0] == 20 and shown[-1] == 45
+    assert all(0 < b - a <= 2 for a, b in zip(shown, shown[1:]))  # 26 slices: every 1st or 2nd one
+    heat[21] = 2.0  # the strongest slice, between two evenly spaced ones: shown instead of its neighbour
+    assert montage_slices(volume, heat) == [20, 21, 23, 25, 27, 28, 30, 32, 33, 35, 37, 38, 40, 42, 43, 45]
+    heat[5, 0, 0] = -1e6  # the strongest slice lies outside the anatomy: it is shown too
+    assert montage_slices(volume, heat)[0] == 5 and montage_slices(volume, heat)[-1] == 45
+    volume[:] = 0
+    volume[40:43] = 1.0  # 3 slices of anatomy: 16 consecutive slices around them
+    assert montage_slices(volume) == list(range(34, 50))
+
+
+def test_overlay_colours_are_never_grey_or_white():
+    """Bright anatomy is white/grey: every overlay colour is saturated (max - min of R, G, B at least 0.5), and
+    a signed map's negative colours are blue (B the largest channel), its positive ones red/yellow (R)."""
+    pytest.importorskip("matplotlib")
+    from engine.explain_plots import overlay_colormap
+
+    for signed in (False, True):
+        rgb = overlay_colormap(signed)(np.linspace(0, 1, 257))[:, :3]
+        assert (rgb.max(1) - rgb.min(1) >= 0.5).all()
+    rgb = overlay_colormap(True)(np.linspace(0, 1, 257))[:, :3]
+    assert (rgb[:128].argmax(1) == 2).all() and (rgb[129:].argmax(1) == 0).all()
