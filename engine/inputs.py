@@ -121,6 +121,8 @@ def read_array(path: str | Path) -> np.ndarray:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure is this file's problem, reported in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "pickle" in reason or "Python objects" in reason:  # never pass on numpy's advice to load it unsafely
+            reason = "it holds pickled Python objects, which were not loaded"
         raise InputError(f"cannot read {kind or 'the'} file: {reason}") from None
     raise InputError(f"unknown file type {kind or '(no suffix)'}: use .nii, .nii.gz, .npy, .npz or an image")
 

@@ -134,6 +134,7 @@ def test_pickle_payloads_never_run_wherever_a_loader_reads(tmp_path, monkeypatch
         refused(["demo.json", *d, "--checkpoint", str(tmp_path / pt)], "not a checkpoint of this project")
     (tmp_path / "deep").mkdir()
     (tmp_path / "deep" / "best.pt").write_bytes(evil)
+    (tmp_path / "deep" / "last.pt").write_bytes(evil)  # else best.pt is refused as uncommitted, unread
     refused(["demo.json", *d], "not a checkpoint of this project")
     refused(["demo.json", *d, "--input", str(tmp_path)], "not a checkpoint of this project")
     np.save(tmp_path / "scan.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
@@ -155,3 +156,28 @@ def test_old_joblib_run_is_refused_by_train_too(tmp_path):
         train.main(["baselines/logreg.json", *a])
     with pytest.raises(CheckpointError, match="older version"):
         classical.load_estimator(run / "model.npz")
+
+
+def test_pickled_objects_in_data_and_input_files_are_named_without_unsafe_advice(tmp_path):
+    from data import DataError, load_splits
+    from engine.inputs import InputError, read_array
+
+    marker = tmp_path / "code_ran"
+    evil = pickle.dumps(Payload(marker))
+    (tmp_path / "raw.npy").write_bytes(evil)  # numpy would advise allow_pickle=True here
+    np.save(tmp_path / "obj.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "obj.npz", np.array([Payload(marker)], dtype=object))
+    for name in ("raw.npy", "obj.npy", "obj.npz"):
+        with pytest.raises(InputError, match="pickled Python objects, which were not loaded") as err:
+            read_array(tmp_path / name)
+        assert "allow_pickle" not in str(err.value) and "unsafe" not in str(err.value), name
+    root = tmp_path / "data"
+    root.mkdir()
+    zeros = np.zeros((1, 28, 28, 28), np.uint8)
+    np.savez(root / "adrenalmnist3d.npz", train_images=np.array([Payload(marker)], dtype=object),
+             train_labels=np.zeros((1, 1)), val_images=zeros, val_labels=np.zeros((1, 1)), test_images=zeros,
+             test_labels=np.zeros((1, 1)))  # a real zip archive: not "not a valid .npz file"
+    with pytest.raises(DataError, match="its arrays hold pickled Python objects") as err:
+        load_splits("adrenalmnist3d", root=root, download=False)
+    assert "allow_pickle" not in str(err.value) and "b'PK'" not in str(err.value)
+    assert not marker.exists()
