@@ -167,10 +167,13 @@ def test_pickled_objects_in_data_and_input_files_are_named_without_unsafe_advice
     (tmp_path / "raw.npy").write_bytes(evil)  # numpy would advise allow_pickle=True here
     np.save(tmp_path / "obj.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "obj.npz", np.array([Payload(marker)], dtype=object))
-    for name in ("raw.npy", "obj.npy", "obj.npz"):
-        with pytest.raises(InputError, match="pickled Python objects, which were not loaded") as err:
+    (tmp_path / "text.npz").write_text("not an array\n")  # nor is a text file "pickled objects"
+    for name, reason in (("raw.npy", "it holds pickled"), ("obj.npy", "its arrays hold pickled"),
+                         ("obj.npz", "its arrays hold pickled"), ("text.npz", "it is not a NumPy file")):
+        with pytest.raises(InputError, match=reason) as err:
             read_array(tmp_path / name)
         assert "allow_pickle" not in str(err.value) and "unsafe" not in str(err.value), name
+        assert ("pickle" in str(err.value)) == (name != "text.npz"), err.value
     root = tmp_path / "data"
     root.mkdir()
     zeros = np.zeros((1, 28, 28, 28), np.uint8)
