@@ -71,6 +71,9 @@ def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
             head = b""
         if head[:1] == b"\x80":  # the opcode every pickle of protocol 2 or later starts with
             reason = "it holds pickled Python objects, which a MedMNIST file never does; they were not loaded"
+        elif head == b"PK":  # a real .npz whose arrays are Python objects (pickles)
+            reason = ("its arrays hold pickled Python objects, which a MedMNIST file never does; they were not "
+                      "loaded")
         else:  # numpy tries the pickle reader on anything that is neither a zip archive nor a .npy file
             reason = f"it is not a valid .npz (zip) file: it starts with {head!r}, not with a zip archive's b'PK'"
     return DataError(

@@ -49,16 +49,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Split, check_split, data_md5
+from data import DataError, Split, check_split, data_md5
 from engine.checkpoint import CheckpointError, package_versions
 from engine.config import Config, ConfigError, config_to_dict
 from engine.evaluate import official_metrics
-from engine.rundir import CONFIG_JSON, TRAIN_SUMMARY, RunDirectory, Terminated, atomic_write_bytes, atomic_write_json
+from engine.rundir import (CONFIG_JSON, ESTIMATOR, OLD_ESTIMATOR, TRAIN_SUMMARY, RunDirectory, RunDirError, Terminated,
+                           atomic_write_bytes, atomic_write_json)
 from engine.setup import load_data, seed_everything
 from model.classical_state import SavedEstimator, StateError, export_state, state_bytes
 
-ESTIMATOR_NAME = "model.npz"
-OLD_ESTIMATOR_NAME = "model.joblib"  # pickles of older versions: refused, never loaded
+ESTIMATOR_NAME = ESTIMATOR
+OLD_ESTIMATOR_NAME = OLD_ESTIMATOR  # pickles of older versions: refused, never loaded
 FORMAT = "lmttm-classical-estimator"
 FORMAT_VERSION = 2
 CHUNK = 10  # hgb: boosting iterations grown between two checks of the early-stopping rule
@@ -298,18 +299,26 @@ def _already_finished(run_dir: Path) -> int:
 
 def train(cfg: Config, *, restart: bool = False) -> int:
     """Fit the configured scikit-learn model; same run directory rules as the deep models (`--restart`
-    moves the old run aside)."""
+    moves the old run aside; a deep-model run's folder is refused). A folder this call created is removed
+    again when the fit stops before its summary is written (full disk, Ctrl-C)."""
     with RunDirectory(cfg.run_dir) as run:
         run.open_existing(restart=restart)
+        run.refuse_deep_records()
         if run.locked and _finished(cfg, run.path):
             return _already_finished(run.path)
         data = _prepare(cfg)
         if not run.locked:  # the run directory: created and locked only now (as for the deep models)
             run.open()
-            if _finished(cfg, run.path):  # another process may have fitted it meanwhile
+            run.refuse_deep_records()  # another process may have trained or fitted here meanwhile
+            if _finished(cfg, run.path):
                 return _already_finished(run.path)
         run.begin()  # temporaries of a killed writer; the run is not finished (any more)
-        return _fit_and_save(cfg, run.path, *data)
+        try:
+            return _fit_and_save(cfg, run, *data)
+        except RunDirError as err:
+            run.discard_if_empty()  # this call made the folder: leave nothing half-written
+            raise RunDirError(f"{err}. Nothing of this fit was kept; free space or fix the folder, then rerun the "
+                              f"same command.") from None
 
 
 def _prepare(cfg: Config) -> tuple:
@@ -319,6 +328,12 @@ def _prepare(cfg: Config) -> tuple:
           f"(epochs, lr, batch_size, optimizer, device... are ignored); it runs on the CPU")
     seed_everything(cfg.train.seed)
     info, splits = load_data(cfg, torch.device("cpu"))
+    present = torch.unique(splits["train"].labels.cpu()).tolist()
+    if len(present) == 1:  # scikit-learn cannot fit one class (a deep model trains on it, with a warning)
+        raise DataError(f"the training split of {info.path or info.name} holds only class {int(present[0])} "
+                        f"({len(splits['train'])} samples); {cfg.model_name} needs at least two classes to fit. "
+                        f"Use a training split with every class" + (f", e.g. the released file (MD5 {info.md5})"
+                                                                   if info.md5 else ""))
     check_split(info, "train", splits["train"], need_all_classes=False)
     check_split(info, "val", splits["val"], need_all_classes=True)  # model selection needs a defined AUC
     check_pool(mcfg.pool, info.size)
@@ -334,9 +349,9 @@ def _prepare(cfg: Config) -> tuple:
     return info, md5, x_train, y_train, x_val, y_val
 
 
-def _fit_and_save(cfg: Config, run_dir: Path, info, md5, x_train, y_train, x_val, y_val) -> int:
+def _fit_and_save(cfg: Config, run: RunDirectory, info, md5, x_train, y_train, x_val, y_val) -> int:
     """Fit, select on the validation split, save the estimator, then the summary (the commit of the run)."""
-    mcfg = cfg.model
+    mcfg, run_dir = cfg.model, run.path
     try:
         atomic_write_json(config_to_dict(cfg), run_dir / CONFIG_JSON)
         t0 = time.time()
@@ -361,6 +376,7 @@ def _fit_and_save(cfg: Config, run_dir: Path, info, md5, x_train, y_train, x_val
         atomic_write_json(summary, run_dir / TRAIN_SUMMARY)  # the commit point of the run
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        run.discard_if_empty()
         print(f"\n{what} while fitting; nothing was kept. Rerun the same command to fit it again.", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     print(f"done: {json.dumps(selection['chosen'])}  val AUC {val_auc:.4f}  val ACC {val_acc:.4f}  "

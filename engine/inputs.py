@@ -91,6 +91,21 @@ def collect(paths, dims: int) -> list[Item]:
     return items
 
 
+def _pickle_reason(path: Path) -> str:
+    """Why numpy wanted to unpickle `path`: it is a pickle, its arrays hold Python objects, or it is no NumPy
+    file at all (numpy tries the pickle reader on anything that is neither a zip archive nor a .npy file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80":  # the opcode every pickle of protocol 2 or later starts with
+        return "it holds pickled Python objects, which were not loaded"
+    if head[:2] == b"PK" or head == b"\x93NUMPY":
+        return "its arrays hold pickled Python objects, which were not loaded"
+    return f"it is not a NumPy file (it starts with {head!r}, not with b'PK' or b'\\x93NUMPY')"
+
+
 def read_array(path: str | Path) -> np.ndarray:
     """The array stored in `path` (module docstring); InputError with the reason if it cannot be read."""
     path = Path(path)
@@ -124,6 +139,8 @@ def read_array(path: str | Path) -> np.ndarray:
         raise
     except Exception as err:  # noqa: BLE001 - any reader failure is this file's problem, reported in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "pickle" in reason or "Python objects" in reason:  # never pass on numpy's advice to load it unsafely
+            reason = _pickle_reason(path)
         raise InputError(f"cannot read {kind or 'the'} file: {reason}") from None
     raise InputError(f"unknown file type {kind or '(no suffix)'}: use .nii, .nii.gz, .npy, .npz or an image")
 

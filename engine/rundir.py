@@ -47,6 +47,8 @@ EVAL_DIR = "eval"                     # predict.py's results, one folder per spl
 CURVES = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
 INPUT_PREDICTIONS = "input_predictions.csv"
+ESTIMATOR = "model.npz"               # a scikit-learn run's fitted model (engine/classical.py), no .pt files
+OLD_ESTIMATOR = "model.joblib"        # the same, pickled by older versions (refused, never loaded)
 
 
 def epoch_file_name(epoch: int) -> str:
@@ -358,6 +360,11 @@ class RunDirectory:
         epochs whose last.pt is gone (deleted, lost) are never overwritten: RunDirError pointing to --restart."""
         if not self.leader or self.last.exists() or not self.path.is_dir():
             return
+        classical = [name for name in (ESTIMATOR, OLD_ESTIMATOR) if (self.path / name).exists()]
+        if classical:
+            raise RunDirError(f"{self.path} holds a scikit-learn run ({', '.join(classical)}), not a deep-model one; "
+                              f"it is not overwritten. Use another --output.name, or --restart to start it over (the "
+                              f"old folder is kept under a new name)")
         found = [name for name in (METRICS_CSV, TRAIN_SUMMARY, EVAL_DIR, CURVES, INPUT_PREDICTIONS)
                  if (self.path / name).exists()]
         found += sorted(p.name for p in self.path.glob("epoch_*.pt") if (epoch_of_file(p.name) or 0) > 1)
@@ -373,13 +380,26 @@ class RunDirectory:
         return (f"{self.last} holds the last finished epoch." if self.last.exists()
                 else "No epoch had finished; nothing to resume from.")
 
+    def refuse_deep_records(self) -> None:
+        """A scikit-learn fit never writes into a deep-model run's folder (last.pt, best.pt, epoch files,
+        metrics.csv): RunDirError pointing to --restart or another --output.name."""
+        if not self.leader or not self.path.is_dir():
+            return
+        found = [name for name in (LAST, BEST, METRICS_CSV) if (self.path / name).exists()]
+        found += sorted(p.name for p in self.path.glob("epoch_*.pt") if epoch_of_file(p.name) is not None)
+        if found:
+            raise RunDirError(f"{self.path} holds a deep-model run ({', '.join(found)}), not a scikit-learn one; it is "
+                              f"not overwritten. Use another --output.name, or --restart to start it over (the old "
+                              f"folder is kept under a new name)")
+
     def discard_if_empty(self) -> None:
         """Remove the folder if this call created it and no epoch was committed: it holds nothing but this
-        call's own start-up files (config.json, best.pt, epoch files, metrics.csv, tensorboard/, temporaries)."""
-        if not (self.created and self.locked) or self.last.exists():
+        call's own start-up files (config.json, best.pt, epoch files, metrics.csv, tensorboard/, temporaries;
+        a scikit-learn fit's model.npz, whose run is committed by train_summary.json only)."""
+        if not (self.created and self.locked) or self.last.exists() or (self.path / TRAIN_SUMMARY).exists():
             return
         self.release()
-        own = {LOCK_NAME, CONFIG_JSON, METRICS_CSV, BEST}
+        own = {LOCK_NAME, CONFIG_JSON, METRICS_CSV, BEST, ESTIMATOR}
         try:
             for p in self.path.iterdir():
                 if p.name == TENSORBOARD_DIR and p.is_dir() and not p.is_symlink():

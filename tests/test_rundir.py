@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import signal
 
+import numpy as np
 import pytest
 from helpers import write_fake_medmnist
 
@@ -96,3 +97,63 @@ def test_full_disk_in_the_first_epoch_leaves_no_epoch_file_behind(data_root, tmp
     code, err = cli_exit(train.main, args_for(data_root, tmp_path, "run", 1, "--train.keep_last_k", "1"), capsys)
     assert code == 2 and "the disk is full" in err and "No epoch had finished" in err and "\n" not in err, err
     assert len(calls) == 4 and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scikit-learn runs (engine/classical.py) under the same rules
+# ----------------------------------------------------------------------------------------------------------
+
+def classical_args(data_root, out, name, model="logreg"):
+    return [f"baselines/{model}.json", "--data.name", "adrenalmnist3d", "--data.root", str(data_root),
+            "--data.download", "false", "--model.pool", "7", "--model.max_iter", "10",
+            "--output.dir", str(out), "--output.name", name]
+
+
+@pytest.mark.parametrize("model", ["logreg", "hgb"])
+def test_a_one_class_training_split_is_refused_by_a_classical_fit(model, tmp_path, capsys):
+    root = tmp_path / "data"
+    path = write_fake_medmnist(root, "adrenalmnist3d", n=(12, 8, 8))
+    arrays = dict(np.load(path))
+    arrays["train_labels"][:] = 1  # a deep model trains on it (with a warning); scikit-learn cannot fit it
+    np.savez(path, **arrays)
+    code, err = cli_exit(train.main, classical_args(root, tmp_path / "runs", "one", model), capsys)
+    assert code == 2 and f"holds only class 1 (12 samples); {model} needs at least two classes" in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_classical_and_deep_runs_never_share_a_folder(data_root, tmp_path, capsys):
+    assert train.main(args_for(data_root, tmp_path, "deep", 1)) == 0
+    deep = tmp_path / "deep"
+    before = files_of(deep)
+    code, err = cli_exit(train.main, classical_args(data_root, tmp_path, "deep"), capsys)
+    assert code == 2 and "holds a deep-model run (last.pt, best.pt, metrics.csv)" in err and "--restart" in err, err
+    for name in (rundir.LAST, rundir.TRAIN_SUMMARY):  # a deep run whose last.pt is gone is not fitted over either
+        (deep / name).unlink()
+        before.pop(name)
+    code, err = cli_exit(train.main, classical_args(data_root, tmp_path, "deep"), capsys)
+    assert code == 2 and "holds a deep-model run (best.pt, metrics.csv)" in err, err
+    assert files_of(deep) == before  # nothing written, nothing removed
+
+    assert train.main(classical_args(data_root, tmp_path, "sk")) == 0
+    sk = tmp_path / "sk"
+    (sk / rundir.TRAIN_SUMMARY).unlink()  # as if killed before its commit: model.npz, config.json left
+    before = files_of(sk)
+    code, err = cli_exit(train.main, args_for(data_root, tmp_path, "sk", 1), capsys)
+    assert code == 2 and "holds a scikit-learn run (model.npz)" in err and "--restart" in err, err
+    assert files_of(sk) == before
+
+
+@pytest.mark.parametrize("record", ["model.npz", "train_summary.json"])
+def test_a_classical_fit_on_a_full_disk_leaves_no_folder(record, data_root, tmp_path, capsys, monkeypatch):
+    real_point, failed = FAULTS.point, []
+
+    def full_disk(path, stage):  # the write of `record` fails half-way, as on a full disk
+        if path.name == record and stage == "partial":
+            failed.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_point(path, stage)
+
+    monkeypatch.setattr(FAULTS, "point", full_disk)
+    code, err = cli_exit(train.main, classical_args(data_root, tmp_path, "sk"), capsys)
+    assert code == 2 and "the disk is full" in err and "Nothing of this fit was kept" in err and "\n" not in err, err
+    assert failed and list(tmp_path.iterdir()) == []

@@ -157,3 +157,31 @@ def test_old_joblib_run_is_refused_by_train_too(tmp_path):
         train.main(["baselines/logreg.json", *a])
     with pytest.raises(CheckpointError, match="older version"):
         classical.load_estimator(run / "model.npz")
+
+
+def test_pickled_objects_in_data_and_input_files_are_named_without_unsafe_advice(tmp_path):
+    from data import DataError, load_splits
+    from engine.inputs import InputError, read_array
+
+    marker = tmp_path / "code_ran"
+    evil = pickle.dumps(Payload(marker))
+    (tmp_path / "raw.npy").write_bytes(evil)  # numpy would advise allow_pickle=True here
+    np.save(tmp_path / "obj.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "obj.npz", np.array([Payload(marker)], dtype=object))
+    (tmp_path / "text.npz").write_text("not an array\n")  # nor is a text file "pickled objects"
+    for name, reason in (("raw.npy", "it holds pickled"), ("obj.npy", "its arrays hold pickled"),
+                         ("obj.npz", "its arrays hold pickled"), ("text.npz", "it is not a NumPy file")):
+        with pytest.raises(InputError, match=reason) as err:
+            read_array(tmp_path / name)
+        assert "allow_pickle" not in str(err.value) and "unsafe" not in str(err.value), name
+        assert ("pickle" in str(err.value)) == (name != "text.npz"), err.value
+    root = tmp_path / "data"
+    root.mkdir()
+    zeros = np.zeros((1, 28, 28, 28), np.uint8)
+    np.savez(root / "adrenalmnist3d.npz", train_images=np.array([Payload(marker)], dtype=object),
+             train_labels=np.zeros((1, 1)), val_images=zeros, val_labels=np.zeros((1, 1)), test_images=zeros,
+             test_labels=np.zeros((1, 1)))  # a real zip archive: not "not a valid .npz file"
+    with pytest.raises(DataError, match="its arrays hold pickled Python objects") as err:
+        load_splits("adrenalmnist3d", root=root, download=False)
+    assert "allow_pickle" not in str(err.value) and "b'PK'" not in str(err.value)
+    assert not marker.exists()
