@@ -18,8 +18,9 @@ eval.ci_resamples and eval.ci_level, of the mean with --last-k). `--protocol ori
 original code's evaluation instead (engine/protocols.py), clearly labelled, into
 `eval/<split>[-last<k>]-original-protocol/metrics.json`; it exists to measure that protocol's effect
 (REPRODUCTION.md), not to report results. `--input` scores the user's own files instead (engine/inputs.py).
-A run that train.py is training is refused. Exit codes: 0 done, 1 some --input file could not be scored,
-2 bad config, data, checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
+A run that train.py is training is refused, and so is a best.pt that the run's last.pt does not commit
+(engine/saver.py). Exit codes: 0 done, 1 some --input file could not be scored, 2 bad config, data,
+checkpoint or output folder, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.inputs import predict_inputs
 from engine.plots import ECE_BINS, MissingDependency, calibration, plot_evaluation
 from engine.protocols import original_mean, original_protocol_scores
-from engine.rundir import RunDirError, SharedRunLock, atomic_write_bytes, atomic_write_json
+from engine.classical import ESTIMATOR_NAME
+from engine.rundir import (BEST, EVAL_DIR, INPUT_PREDICTIONS, LAST, RunDirError, SharedRunLock, atomic_write_bytes,
+                           atomic_write_json, epoch_file_name)
+from engine.saver import committed_best
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 from model.classical import is_classical
-
-ESTIMATOR_NAME = "model.joblib"  # engine.classical.ESTIMATOR_NAME (scikit-learn runs)
 
 
 def parse_args(argv=None):
@@ -89,15 +91,15 @@ def checkpoints_to_score(args, cfg) -> tuple[list[tuple[Path, int | None]], str]
                               "epochs of the run")
         return [(args.checkpoint, None)], "checkpoint"
     if last_k <= 0:
-        return [(cfg.run_dir / "best.pt", None)], "best validation AUC (MedMNIST protocol)"
-    last_path = cfg.run_dir / "last.pt"
+        return [(committed_best(cfg.run_dir), None)], "best validation AUC (MedMNIST protocol)"
+    last_path = cfg.run_dir / LAST
     if not last_path.is_file():
         raise CheckpointError(f"--last-k {last_k} needs the run's last.pt to know its last epoch; {last_path} does not exist")
     n = load_checkpoint(last_path)["epoch"]
     if n < last_k:
         raise CheckpointError(f"--last-k {last_k} needs the last {last_k} epoch checkpoints, but {cfg.run_dir} "
                               f"has trained only {n} epochs")
-    wanted = [(cfg.run_dir / f"epoch_{e:04d}.pt", e) for e in range(n - last_k + 1, n + 1)]
+    wanted = [(cfg.run_dir / epoch_file_name(e), e) for e in range(n - last_k + 1, n + 1)]
     missing = [p.name for p, _ in wanted if not p.is_file()]
     if missing:
         raise CheckpointError(f"--last-k {last_k} needs the last {last_k} epoch checkpoints of {cfg.run_dir} (epochs "
@@ -111,13 +113,13 @@ def eval_folder(args, cfg, split_name: str, n_checkpoints: int) -> Path:
     `eval/<split>-last<k>/` (--last-k k). Any other checkpoint (`--checkpoint`): `eval/<split>-<name>/`
     for a file of this run (e.g. `eval/test-last`), `eval/<split>-<its folder>-<name>-<hash>/` for a file
     of another run (hash: 8 hex digits of its absolute path), so they never replace the run's own results."""
-    base = cfg.run_dir / "eval"
+    base = cfg.run_dir / EVAL_DIR
     if args.checkpoint is None:
         return base / (split_name if n_checkpoints == 1 and (cfg.eval.last_k if args.last_k is None else args.last_k) <= 0
                        else f"{split_name}-last{n_checkpoints}")
     path = Path(args.checkpoint).expanduser().resolve()
     own = cfg.run_dir.expanduser().resolve()
-    if path == own / "best.pt":
+    if path == own / BEST:
         return base / split_name
     if path.parent == own:
         return base / f"{split_name}-{path.stem}"
@@ -167,14 +169,14 @@ def _predict_inputs(args, cfg, device, info) -> int:
         raise ConfigError(f"--input scores your own files with one checkpoint; it excludes {', '.join(given)}")
     if is_classical(cfg.model):
         raise ConfigError(f"--input needs a neural-network checkpoint; {cfg.model_name} is a scikit-learn baseline")
-    model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or cfg.run_dir / "best.pt")
+    model, trained_cfg, _ = load_trained_model(cfg, info, args.checkpoint or committed_best(cfg.run_dir))
     full = uses_full_batches(trained_cfg.model)
     try:
         return predict_inputs(args.input, model=model.to(device), info=info,
                               batch_size=trained_cfg.train.batch_size if full else cfg.eval.batch_size, device=device,
                               amp=trained_cfg.train.amp, full_batches=full,
                               window=tuple(args.window) if args.window else None,
-                              out=args.out or cfg.run_dir / "input_predictions.csv",
+                              out=args.out or cfg.run_dir / INPUT_PREDICTIONS,
                               save_preprocessed=args.save_preprocessed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -294,7 +296,7 @@ def _is_classical_run(args, cfg) -> bool:
         return True
     if args.checkpoint is not None:
         return Path(args.checkpoint).suffix == ".joblib"
-    return not (cfg.run_dir / "best.pt").exists() and (cfg.run_dir / ESTIMATOR_NAME).is_file()
+    return not (cfg.run_dir / BEST).exists() and (cfg.run_dir / ESTIMATOR_NAME).is_file()
 
 
 def _evaluate_classical(args, cfg, split_name: str, info) -> int:
@@ -317,7 +319,7 @@ def _evaluate_classical(args, cfg, split_name: str, info) -> int:
     auc, acc = official_metrics(labels, scores, info.task)
     print(f"{path}: {payload['model']}  {split_name} AUC {auc:.4f}  ACC {acc:.4f}")
     if path.expanduser().resolve() == own.expanduser().resolve():
-        out_dir = cfg.run_dir / "eval" / split_name
+        out_dir = cfg.run_dir / EVAL_DIR / split_name
     else:
         out_dir = eval_folder(args, cfg, split_name, 1)
     protocol = f"{payload['model']} estimator fitted by train.py (hyper-parameters chosen on the validation split)"

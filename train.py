@@ -23,38 +23,30 @@ if __name__ == "__main__":  # an interrupt while the imports below run: one line
 import argparse
 import contextlib
 import copy
-import csv
-import io
-import json
+import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import batches, check_split, data_md5
-from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
-from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
+from data import DatasetInfo, Split, batches, check_split, data_md5
+from engine.checkpoint import load_weights, package_versions
+from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
 from engine import distributed
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import MissingDependency, TensorBoard, plot_curves
-from engine.rundir import (RunDirError, RunLock, Terminated, atomic_save, atomic_write_json, atomic_write_text,
-                           json_safe, remove_stale_temporaries)
+from engine.rundir import CONFIG_JSON, RunDirectory, RunDirError, Terminated, atomic_write_json
+from engine.saver import CheckpointSaver, complete_finished_run, is_finished, read_resume
 from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
                           restore_rng_state, rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
 from model.classical import is_classical
-
-METRICS_HEADER = ["epoch", "train_loss", "val_auc", "val_acc", "lr", "time_s"]
-# keys that may differ between a run and its resumption (everything else must match the checkpoint)
-RESUMABLE_CHANGES = {("train", "epochs"), ("train", "device"), ("train", "keep_last_k"), ("data", "root"),
-                     ("data", "download"), ("data", "device_cache"), ("eval", "batch_size"), ("eval", "split"),
-                     ("eval", "last_k"), ("eval", "ci_resamples"), ("eval", "ci_level"), ("train", "compile"),
-                     ("train", "tf32")}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -133,93 +125,6 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *,
     return dist.sum(total).item() / seen
 
 
-def check_resumable(cfg: Config, ckpt: dict, path: Path) -> None:
-    """Refuse to resume a run directory that holds a run of another config (a key the checkpoint's config
-    lacks, because it was added later, counts as its default)."""
-    mine, theirs = config_to_dict(cfg), ckpt["config"]
-    defaults = config_to_dict(config_from_dict([]))
-    missing = object()
-
-    def theirs_value(s, k):
-        value = theirs.get(s, {}).get(k, missing)
-        return defaults.get(s, {}).get(k) if value is missing else value
-
-    diffs = [f"{s}.{k}: {theirs_value(s, k)!r} -> {v!r}" for s in ("data", "model", "train", "eval")
-             for k, v in mine[s].items() if (s, k) not in RESUMABLE_CHANGES and theirs_value(s, k) != v]
-    if diffs:
-        raise CheckpointError(f"{path} was trained with another config ({'; '.join(diffs)}). Use another "
-                              f"--output.name, or --restart to start this run over (the old one is kept aside).")
-
-
-def metrics_csv_text(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=METRICS_HEADER, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def metrics_rows_of(ckpt: dict, run_dir: Path) -> list[dict]:
-    """The metrics rows of the epochs a checkpoint holds: its own copy, or (a checkpoint written before
-    the rows lived in it) the rows of metrics.csv up to its epoch."""
-    if "metrics" in ckpt:
-        return [dict(r) for r in ckpt["metrics"]]
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [{k: r.get(k, "") for k in METRICS_HEADER} for r in csv.DictReader(f)
-                if r.get("epoch", "").isdigit() and int(r["epoch"]) <= ckpt["epoch"]]
-
-
-def summary_of(ckpt: dict) -> dict:
-    """train_summary.json, a function of the final last.pt only (so it can always be rewritten from it)."""
-    return json_safe({"finished": True, "epochs": ckpt["epoch"], "best_epoch": ckpt["best_epoch"],
-                      "best_val_auc": ckpt["best_val_auc"], "param_count": ckpt.get("param_count"),
-                      "data_md5": ckpt.get("dataset", {}).get("md5"), "versions": ckpt.get("versions"),
-                      "seconds": round(float(ckpt.get("train_seconds", 0.0)), 2)})
-
-
-def sync_records(run_dir: Path, ckpt: dict, *, finished: bool) -> list[str]:
-    """Make metrics.csv (and, for a finished run, train_summary.json) agree with last.pt; return what was
-    rewritten. A kill between last.pt and these files loses nothing: they are rebuilt from last.pt."""
-    fixed = []
-    rows = metrics_rows_of(ckpt, run_dir)
-    metrics = run_dir / "metrics.csv"
-    text = metrics_csv_text(rows)
-    if "metrics" in ckpt and (not metrics.is_file() or metrics.read_text() != text):
-        atomic_write_text(text, metrics)
-        fixed.append("metrics.csv")
-    if finished:
-        summary_path = run_dir / "train_summary.json"
-        try:
-            current = json.loads(summary_path.read_text())
-        except (OSError, ValueError):
-            current = None
-        if current != summary_of(ckpt):
-            atomic_write_json(summary_of(ckpt), summary_path)
-            fixed.append("train_summary.json")
-    return fixed
-
-
-def prune_epoch_files(run_dir: Path, epoch: int, keep: int) -> None:
-    """Keep exactly the epoch files of epochs epoch-keep+1 .. epoch (also after a resume that lowered k)."""
-    for p in run_dir.glob("epoch_*.pt"):
-        number = p.stem[len("epoch_"):]
-        if number.isdigit() and not epoch - keep < int(number) <= epoch:
-            p.unlink(missing_ok=True)
-
-
-def read_resume(cfg: Config, run_dir: Path) -> dict | None:
-    """last.pt of the run directory, checked against the config; None for a new run."""
-    last_path = run_dir / "last.pt"
-    if not last_path.exists():
-        return None
-    resume = load_checkpoint(last_path)
-    check_resumable(cfg, resume, last_path)
-    return resume
-
-
 # ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
@@ -249,37 +154,75 @@ def main(argv=None) -> int:
 
 
 def _train(args, overrides, stack: contextlib.ExitStack) -> int:
-    # setup: config, device, the run directory if it exists ---------------------------------------------
+    # setup: config, device, the run directory if it exists, then data and model (nothing written yet) -----
     cfg = load_config(args.config, overrides)
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
     apply_tf32(cfg.train.tf32)
     dist, device_name = distributed.from_environment(cfg.train.device)  # torchrun: one process per rank
     stack.callback(dist.close)
     device = resolve_device(device_name)
-    say = print if dist.leader else (lambda *a, **k: None)  # rank 0 alone logs and writes the run directory
-    run_dir = cfg.run_dir
-    last_path = run_dir / "last.pt"
-    lock = None
-    if dist.leader and (run_dir.exists() or run_dir.is_symlink()):
-        lock = stack.enter_context(RunLock(run_dir))
-        if args.restart:
-            aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(aside)
-            lock.release()  # the lock file moved with the old run
-            lock = None
-            print(f"--restart: moved the previous run to {aside}")
     if dist.enabled and (is_classical(cfg.model) or uses_full_batches(cfg.model)):
         raise ConfigError(f"{cfg.model_name} with these options cannot train under torchrun: scikit-learn baselines "
                           f"and the batch-dependent compat options run in one process; use python train.py")
     if is_classical(cfg.model):  # a scikit-learn baseline: fitted by engine/classical.py (same run rules)
         from engine import classical
 
-        return classical.train(cfg, run_dir, lock, stack)
-    resume = read_resume(cfg, run_dir) if lock is not None else None
-    if dist.share(resume is not None and resume["epoch"] >= cfg.train.epochs):
-        return _already_finished(cfg, run_dir, resume) if dist.leader else 0
+        return classical.train(cfg, restart=args.restart)
+    run = stack.enter_context(RunDirectory(cfg.run_dir, leader=dist.leader))  # rank 0 alone writes it
+    run.open_existing(restart=args.restart)
+    resume = read_resume(cfg, run) if run.locked else None
+    if dist.share(is_finished(cfg, resume)):
+        return complete_finished_run(cfg, run, resume) if dist.leader else 0
+    job = prepare_job(cfg, dist, device)
+    if dist.leader and not run.locked:  # the run directory: created and locked only now
+        run.open()
+        resume = read_resume(cfg, run)  # another process may have trained here meanwhile
+    if dist.share(is_finished(cfg, resume)):
+        return complete_finished_run(cfg, run, resume) if dist.leader else 0
+    if dist.share(resume is not None) and not dist.leader:
+        resume = read_resume(cfg, run)  # the other ranks resume from the file rank 0 checked
+    saver = start_run(cfg, run, job, resume, dist)
+    del resume
 
-    # data and model (nothing is written until they are ready) -------------------------------------------
+    # the epoch loop, then the end of the run ----------------------------------------------------------------
+    code = run_epochs(cfg, run, job, saver, dist, stack)
+    if code or not dist.leader:
+        return code
+    print(f"done: best val AUC {saver.best_auc:.4f} at epoch {saver.best_epoch}; checkpoints in {run.path}")
+    write_curves(cfg, run.path)
+    return 0
+
+
+@dataclasses.dataclass
+class Job:
+    """What a training holds in memory: the data, the model and its optimizer, and how to run them."""
+
+    info: DatasetInfo
+    splits: dict[str, Split]
+    md5: str | None
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    executed: int          # parameters on the executed path (the run's param_count)
+    device: torch.device
+    forward: Callable        # validation: the (compiled) model, never the DDP wrapper
+    train_forward: Callable  # training: the (compiled) model or its DDP wrapper
+    eval_batch: int
+    full_batches: bool
+
+    def state(self, cfg: Config, dist: Distributed) -> dict:
+        """The training state a checkpoint holds (the saver adds the epoch and the run's records)."""
+        info = self.info
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "config": config_to_dict(cfg),
+                "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
+                            "task": info.task, "md5": self.md5},
+                "param_count": self.executed, "versions": package_versions(), "rng": rng_state(),
+                "world_size": dist.world_size}
+
+
+def prepare_job(cfg: Config, dist: Distributed, device: torch.device) -> Job:
+    """Load the data and build the model and optimizer (nothing is written)."""
+    say = print if dist.leader else (lambda *a, **k: None)  # rank 0 alone logs
     seed_everything(cfg.train.seed)
     info, splits = load_data(cfg, device)
     check_split(info, "train", splits["train"], need_all_classes=False)
@@ -300,7 +243,6 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
             f"training step (they never change); training goes on")
     optimizer = make_optimizer(cfg, model.parameters())
     full_batches = uses_full_batches(cfg.model)  # the original's compat: every batch at the training batch size
-    eval_batch = cfg.train.batch_size if full_batches else cfg.eval.batch_size
     if full_batches and len(splits["train"]) < cfg.train.batch_size:
         raise ConfigError(f"the compat options of this model run full batches only (as the original), but the "
                           f"training split has {len(splits['train'])} samples, fewer than train.batch_size = "
@@ -310,115 +252,78 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
         train_forward, forward = compile_model(ddp, cfg.train.compile), model
     else:
         forward = train_forward = compile_model(model, cfg.train.compile)
+    return Job(info, splits, md5, model, optimizer, executed, device, forward, train_forward,
+               cfg.train.batch_size if full_batches else cfg.eval.batch_size, full_batches)
 
-    # the run directory: created and locked only now --------------------------------------------------------
-    created = False
-    if dist.leader and lock is None:
-        created = not run_dir.exists()
-        lock = stack.enter_context(RunLock(run_dir))
-        resume = read_resume(cfg, run_dir)  # another process may have trained here meanwhile
-    if dist.share(resume is not None and resume["epoch"] >= cfg.train.epochs):
-        return _already_finished(cfg, run_dir, resume) if dist.leader else 0
-    if dist.share(resume is not None) and not dist.leader:
-        resume = read_resume(cfg, run_dir)  # the other ranks resume from the file rank 0 checked
-    if dist.leader:
-        stale = remove_stale_temporaries(run_dir)
-        if stale:
-            print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
-        (run_dir / "train_summary.json").unlink(missing_ok=True)  # the run is not finished (any more)
 
-    start_epoch, best_auc, best_epoch, rows, seconds_before = 0, -math.inf, -1, [], 0.0
+def start_run(cfg: Config, run: RunDirectory, job: Job, resume: dict | None, dist: Distributed) -> CheckpointSaver:
+    """Resume the job from last.pt, or clear what an uncommitted first epoch left; the run's saver."""
+    run.begin()
     if resume is not None:
-        load_weights(model, resume, last_path)
-        optimizer.load_state_dict(resume["optimizer"])
+        load_weights(job.model, resume, run.last)
+        job.optimizer.load_state_dict(resume["optimizer"])
         note = restore_rng_state(resume["rng"])
-        if note:
-            say(note)
-        start_epoch, best_auc, best_epoch = resume["epoch"], resume["best_val_auc"], resume["best_epoch"]
-        rows, seconds_before = metrics_rows_of(resume, run_dir), float(resume.get("train_seconds", 0.0))
-        say(f"resuming {run_dir} after epoch {start_epoch} (best val AUC {best_auc:.4f} at epoch {best_epoch})")
-    elif dist.leader:  # a new run: whatever an earlier attempt left before committing its first epoch is stale
-        for name in ("metrics.csv", "best.pt"):
-            (run_dir / name).unlink(missing_ok=True)
-        prune_epoch_files(run_dir, 0, 0)
-    resumed = resume is not None
-    del resume
+        if note and dist.leader:
+            print(note)
+        if dist.leader:
+            print(f"resuming {run.path} after epoch {resume['epoch']} (best val AUC {resume['best_val_auc']:.4f} "
+                  f"at epoch {resume['best_epoch']})")
+    saver = CheckpointSaver(run.path, cfg.train.keep_last_k, resume)
+    if resume is None and dist.leader:
+        saver.discard_uncommitted()
+    return saver
 
-    def checkpoint(epoch: int, train_seconds: float) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "best_val_auc": best_auc, "best_epoch": best_epoch, "config": config_to_dict(cfg),
-                "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
-                            "task": info.task, "md5": md5},
-                "param_count": executed, "versions": package_versions(), "rng": rng_state(),
-                "world_size": dist.world_size,
-                "metrics": [dict(r) for r in rows], "train_seconds": train_seconds}
 
-    # epoch loop: train -> validate -> save (best.pt, epoch file, then last.pt = the commit) -> records ------
-    # last.pt holds the epoch's metrics row and the training time: metrics.csv and train_summary.json are
-    # rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most one epoch.
-    epoch = start_epoch
+def run_epochs(cfg: Config, run: RunDirectory, job: Job, saver: CheckpointSaver, dist: Distributed,
+               stack: contextlib.ExitStack) -> int:
+    """train -> validate -> save (best.pt, epoch file, then last.pt = the commit) -> records, epoch after epoch;
+    the exit code. last.pt holds the epoch's metrics row and the training time: metrics.csv and
+    train_summary.json are rewritten from it, so an interrupt anywhere loses nothing and a resume redoes at most
+    one epoch."""
+    epoch = saver.epoch
     board = stack.enter_context(contextlib.closing(
-        TensorBoard(run_dir, cfg.output.tensorboard and dist.leader, start_epoch)))
+        TensorBoard(run.path, cfg.output.tensorboard and dist.leader, saver.epoch)))
     try:
         if dist.leader:
-            atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
-            if resumed:  # metrics.csv as last.pt has it (a row a kill kept out of it comes back)
-                sync_records(run_dir, checkpoint(start_epoch, seconds_before), finished=False)
-        for epoch in range(start_epoch, cfg.train.epochs):
+            atomic_write_json(config_to_dict(cfg), run.path / CONFIG_JSON)
+            saver.sync_resumed()
+        for epoch in range(saver.epoch, cfg.train.epochs):
             t0 = time.time()
             lr = learning_rate(cfg, epoch)
-            for group in optimizer.param_groups:
+            for group in job.optimizer.param_groups:
                 group["lr"] = lr
             dist.reseed(cfg.train.seed, epoch)  # torchrun only: each rank's dropout/noise stream
-            loss = train_one_epoch(model, optimizer, splits["train"], cfg, epoch, device, forward=train_forward,
-                                   dist=dist)
+            loss = train_one_epoch(job.model, job.optimizer, job.splits["train"], cfg, epoch, job.device,
+                                   forward=job.train_forward, dist=dist)
             if not dist.leader:
                 dist.barrier()  # rank 0 validates and commits the epoch
                 continue
-            scores = predict_scores(forward, splits["val"], batch_size=eval_batch, device=device,
-                                    amp=cfg.train.amp, full_batches=full_batches)
-            val_auc, val_acc = official_metrics(splits["val"].labels.cpu().numpy(), scores, info.task)
+            scores = predict_scores(job.forward, job.splits["val"], batch_size=job.eval_batch, device=job.device,
+                                    amp=cfg.train.amp, full_batches=job.full_batches)
+            val_auc, val_acc = official_metrics(job.splits["val"].labels.cpu().numpy(), scores, job.info.task)
             seconds = time.time() - t0
-            improved = val_auc > best_auc
-            if improved:
-                best_auc, best_epoch = val_auc, epoch + 1
-            rows.append({"epoch": epoch + 1, "train_loss": f"{loss:.6f}", "val_auc": f"{val_auc:.6f}",
-                         "val_acc": f"{val_acc:.6f}", "lr": f"{lr:.3g}", "time_s": f"{seconds:.2f}"})
-            board.log(rows[-1])
-            seconds_before += seconds
-            state = checkpoint(epoch + 1, seconds_before)
-            if improved:
-                atomic_save(state, run_dir / "best.pt")
-            if cfg.train.keep_last_k:
-                atomic_save({k: state[k] for k in ("model", "epoch", "config", "dataset", "versions")},
-                            run_dir / f"epoch_{epoch + 1:04d}.pt")
-            atomic_save(state, last_path)  # the commit point of the epoch
-            prune_epoch_files(run_dir, epoch + 1, cfg.train.keep_last_k)
-            sync_records(run_dir, state, finished=epoch + 1 == cfg.train.epochs)
+            row = {"epoch": epoch + 1, "train_loss": f"{loss:.6f}", "val_auc": f"{val_auc:.6f}",
+                   "val_acc": f"{val_acc:.6f}", "lr": f"{lr:.3g}", "time_s": f"{seconds:.2f}"}
+            board.log(row)
+            improved = saver.save(job.state(cfg, dist), row, val_auc, seconds, final=epoch + 1 == cfg.train.epochs)
             print(f"epoch {epoch + 1:3d}/{cfg.train.epochs}  loss {loss:.4f}  val AUC {val_auc:.4f}  "
                   f"val ACC {val_acc:.4f}  {seconds:.1f}s{'  *best*' if improved else ''}", flush=True)
             dist.barrier()
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-        print(f"\n{what} in epoch {epoch + 1}; that epoch is abandoned. {_committed(last_path)} "
+        print(f"\n{what} in epoch {epoch + 1}; that epoch is abandoned. {run.committed_note()} "
               f"Rerun the same command to resume.", file=sys.stderr)
         return 143 if isinstance(err, Terminated) else 130
     except NonFiniteLoss as err:
-        print(f"error: {err}. Stopped; {_committed(last_path)} Try a lower --train.lr "
+        print(f"error: {err}. Stopped; {run.committed_note()} Try a lower --train.lr "
               f"or --train.grad_clip 1.0.", file=sys.stderr)
         return 3
     except RunDirError as err:
-        committed = _committed(last_path)
-        if created and not last_path.exists():  # this call made the folder and no epoch got in: leave nothing
-            lock.release()
-            _discard_empty_run(run_dir)
+        committed = run.committed_note()
+        board.close()
+        run.discard_if_empty()  # this call made the folder and no epoch got in: leave nothing
         raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {committed} "
                           f"Free space or fix the folder, then rerun the same command.") from None
-
-    if not dist.leader:
-        return 0
-    print(f"done: best val AUC {best_auc:.4f} at epoch {best_epoch}; checkpoints in {run_dir}")
-    write_curves(cfg, run_dir)
     return 0
 
 
@@ -430,38 +335,6 @@ def write_curves(cfg: Config, run_dir: Path) -> None:
         print(f"wrote {plot_curves(run_dir)}")
     except MissingDependency as err:
         print(f"note: no curves.png: {err}")
-
-
-def _discard_empty_run(run_dir: Path) -> None:
-    """Remove a run directory this call created when it holds nothing but its own start-up files."""
-    own = {".lock", "config.json", "metrics.csv", "best.pt"}
-    try:
-        for p in run_dir.iterdir():
-            if p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")):
-                p.unlink(missing_ok=True)
-        run_dir.rmdir()
-    except OSError:
-        pass  # best effort: a folder we cannot clean up is left as it is
-
-
-def _committed(last_path: Path) -> str:
-    return (f"{last_path} holds the last finished epoch." if last_path.exists()
-            else "No epoch had finished; nothing to resume from.")
-
-
-def _already_finished(cfg: Config, run_dir: Path, resume: dict) -> int:
-    # finish what a kill after the last commit left undone: the records, and the epoch files beyond the
-    # k the run was trained with
-    prune_epoch_files(run_dir, resume["epoch"], int(resume["config"].get("train", {}).get("keep_last_k", 0)))
-    stale = remove_stale_temporaries(run_dir)
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
-    fixed = sync_records(run_dir, resume, finished=True)
-    if fixed:
-        print(f"rebuilt {', '.join(fixed)} of {run_dir} from last.pt (an interrupted write had left it behind)")
-    print(f"{run_dir} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
-          f"nothing to do. Use --restart to train it again, or raise --train.epochs to continue.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""Self-describing checkpoints, written atomically and loaded with `weights_only=True`."""
+"""Self-describing checkpoints, loaded with `weights_only=True` (written atomically by engine/rundir.py)."""
 
 from __future__ import annotations
 
-import os
 import pickle
 import platform
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,22 +29,6 @@ def package_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never truncates `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # what every checkpoint of this project holds (best.pt, last.pt and the epoch_NNNN.pt of keep_last_k)

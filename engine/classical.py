@@ -51,7 +51,7 @@ from data import Split, check_split, data_md5
 from engine.checkpoint import CheckpointError, package_versions
 from engine.config import Config, ConfigError, config_to_dict
 from engine.evaluate import official_metrics
-from engine.rundir import RunLock, Terminated, atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from engine.rundir import CONFIG_JSON, TRAIN_SUMMARY, RunDirectory, Terminated, atomic_write_bytes, atomic_write_json
 from engine.setup import load_data, seed_everything
 
 ESTIMATOR_NAME = "model.joblib"
@@ -197,7 +197,7 @@ def sha256(data: bytes) -> str:
 
 def _read_summary(run_dir: Path) -> dict | None:
     try:
-        summary = json.loads((run_dir / "train_summary.json").read_text())
+        summary = json.loads((run_dir / TRAIN_SUMMARY).read_text())
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
@@ -211,7 +211,7 @@ def load_estimator(path: Path) -> dict:
         raise CheckpointError(f"{path} does not exist; train the run first (python train.py <config>)")
     summary = _read_summary(path.parent)
     if not summary or not summary.get("finished") or not summary.get("estimator_sha256"):
-        raise CheckpointError(f"{path.parent} has no finished train_summary.json recording the estimator's SHA-256; "
+        raise CheckpointError(f"{path.parent} has no finished {TRAIN_SUMMARY} recording the estimator's SHA-256; "
                               f"refusing to unpickle {path.name} (rerun train.py to fit it)")
     try:
         data = path.read_bytes()
@@ -219,7 +219,7 @@ def load_estimator(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     if sha256(data) != summary["estimator_sha256"] or summary.get("estimator") != path.name:
         raise CheckpointError(f"{path} is not the estimator train.py saved for this run (its SHA-256 differs from the "
-                              f"one in {path.parent / 'train_summary.json'}); refusing to unpickle it "
+                              f"one in {path.parent / TRAIN_SUMMARY}); refusing to unpickle it "
                               f"(joblib files run code when loaded). Use --restart to fit the run again")
     import joblib
 
@@ -256,7 +256,7 @@ def _finished(cfg: Config, run_dir: Path) -> bool:
     if not summary or not summary.get("finished"):
         return False
     try:
-        recorded = json.loads((run_dir / "config.json").read_text())
+        recorded = json.loads((run_dir / CONFIG_JSON).read_text())
     except (OSError, ValueError):
         recorded = {}
     diffs = _same_run(cfg, recorded)
@@ -272,11 +272,25 @@ def _already_finished(run_dir: Path) -> int:
     return 0
 
 
-def train(cfg: Config, run_dir: Path, lock, stack) -> int:
-    """Fit the configured scikit-learn model; same run directory rules as the deep models."""
+def train(cfg: Config, *, restart: bool = False) -> int:
+    """Fit the configured scikit-learn model; same run directory rules as the deep models (`--restart`
+    moves the old run aside)."""
+    with RunDirectory(cfg.run_dir) as run:
+        run.open_existing(restart=restart)
+        if run.locked and _finished(cfg, run.path):
+            return _already_finished(run.path)
+        data = _prepare(cfg)
+        if not run.locked:  # the run directory: created and locked only now (as for the deep models)
+            run.open()
+            if _finished(cfg, run.path):  # another process may have fitted it meanwhile
+                return _already_finished(run.path)
+        run.begin()  # temporaries of a killed writer; the run is not finished (any more)
+        return _fit_and_save(cfg, run.path, *data)
+
+
+def _prepare(cfg: Config) -> tuple:
+    """(dataset info, data MD5, train and validation features and labels); nothing is written."""
     mcfg = cfg.model
-    if lock is not None and _finished(cfg, run_dir):
-        return _already_finished(run_dir)
     print(f"note: {cfg.model_name} is a scikit-learn model: of the train.* keys only train.seed is used "
           f"(epochs, lr, batch_size, optimizer, device... are ignored); it runs on the CPU")
     seed_everything(cfg.train.seed)
@@ -293,19 +307,14 @@ def train(cfg: Config, run_dir: Path, lock, stack) -> int:
               f"({'as in medmnist.INFO' if md5 == info.md5 else f'NOT the released file, which has {info.md5}'})")
     x_train, x_val = features(splits["train"].images, mcfg.pool), features(splits["val"].images, mcfg.pool)
     y_train, y_val = splits["train"].labels.cpu().numpy(), splits["val"].labels.cpu().numpy()
-    del splits
+    return info, md5, x_train, y_train, x_val, y_val
 
-    # the run directory: created and locked only now (as for the deep models) ----------------------------
-    if lock is None:
-        lock = stack.enter_context(RunLock(run_dir))
-        if _finished(cfg, run_dir):  # another process may have fitted it meanwhile
-            return _already_finished(run_dir)
-    stale = remove_stale_temporaries(run_dir)
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
-    (run_dir / "train_summary.json").unlink(missing_ok=True)  # the run is not finished (any more)
+
+def _fit_and_save(cfg: Config, run_dir: Path, info, md5, x_train, y_train, x_val, y_val) -> int:
+    """Fit, select on the validation split, save the estimator, then the summary (the commit of the run)."""
+    mcfg = cfg.model
     try:
-        atomic_write_json(config_to_dict(cfg), run_dir / "config.json")
+        atomic_write_json(config_to_dict(cfg), run_dir / CONFIG_JSON)
         t0 = time.time()
         if cfg.model_name == "logreg":
             pipe, selection, val_auc, val_acc = fit_logreg(x_train, y_train, x_val, y_val, mcfg,
@@ -328,7 +337,7 @@ def train(cfg: Config, run_dir: Path, lock, stack) -> int:
                    "param_count": learned_numbers(pipe), "data_md5": md5, "versions": package_versions(),
                    "seconds": round(seconds, 2), "model": cfg.model_name, "selection": selection,
                    "estimator": ESTIMATOR_NAME, "estimator_sha256": sha256(data)}
-        atomic_write_json(summary, run_dir / "train_summary.json")  # the commit point of the run
+        atomic_write_json(summary, run_dir / TRAIN_SUMMARY)  # the commit point of the run
     except KeyboardInterrupt as err:
         what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
         print(f"\n{what} while fitting; nothing was kept. Rerun the same command to fit it again.", file=sys.stderr)

@@ -112,7 +112,9 @@ def read_metrics_csv(path) -> dict:
 def plot_curves(run_dir) -> Path | None:
     """curves.png from metrics.csv (None if the run has no metrics.csv)."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.csv"
+    from engine.rundir import CURVES, METRICS_CSV, TRAIN_SUMMARY  # the record names (engine.rundir loads torch)
+
+    path = run_dir / METRICS_CSV
     if not path.is_file():
         return None
     cols = read_metrics_csv(path)
@@ -127,7 +129,7 @@ def plot_curves(run_dir) -> Path | None:
         if key in cols:
             ax2.plot(epochs, cols[key], marker=".", label=label)
     try:
-        best = json.loads((run_dir / "train_summary.json").read_text()).get("best_epoch")
+        best = json.loads((run_dir / TRAIN_SUMMARY).read_text()).get("best_epoch")
     except (OSError, ValueError):
         best = None
     if isinstance(best, (int, float)):
@@ -142,7 +144,7 @@ def plot_curves(run_dir) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(run_dir.name, fontsize=9)
     fig.tight_layout()
-    out = run_dir / "curves.png"
+    out = run_dir / CURVES
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

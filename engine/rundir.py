@@ -1,5 +1,10 @@
 """Run directories that survive kills, races and full disks.
 
+* The names of a run directory's records (`LAST`, `BEST`, `TRAIN_SUMMARY`, ...) are defined here only.
+* `RunDirectory`: the one owner of a run directory for train.py and engine/classical.py: its lock, `--restart`
+  (the old folder is kept under a new name), the refusal of a folder whose records lost their `last.pt`, the
+  clean-up of what a killed writer left, and the removal of a folder this call created when no epoch got in.
+  The save policy (best/last/keep-last-k) and the records rebuilt from last.pt are engine/saver.py's.
 * `RunLock`: an exclusive `fcntl.flock` on `<run dir>/.lock`, held by train.py for the whole run. The OS drops
   it when the process ends in any way (a `kill -9` included), so a stale lock never blocks the next run;
   a second train.py on the same directory, or predict.py on a run being trained, is refused.
@@ -20,13 +25,39 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from engine.checkpoint import CheckpointError
+
+
+# the records of a run directory
+LOCK_NAME = ".lock"
+CONFIG_JSON = "config.json"
+METRICS_CSV = "metrics.csv"
+TRAIN_SUMMARY = "train_summary.json"  # written last: the run is finished (the commit point of a whole run)
+LAST = "last.pt"                      # every epoch: the commit point of an epoch
+BEST = "best.pt"                      # the epoch of the best validation AUC, committed by last.pt
+EVAL_DIR = "eval"                     # predict.py's results, one folder per split and protocol
+CURVES = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+INPUT_PREDICTIONS = "input_predictions.csv"
+
+
+def epoch_file_name(epoch: int) -> str:
+    """The weights of one epoch (train.keep_last_k), e.g. epoch_0007.pt."""
+    return f"epoch_{epoch:04d}.pt"
+
+
+def epoch_of_file(name: str) -> int | None:
+    """The epoch of an epoch file's name, None for any other name."""
+    number = name[len("epoch_"):-len(".pt")] if name.startswith("epoch_") and name.endswith(".pt") else ""
+    return int(number) if number.isdigit() else None
 
 
 class RunDirError(CheckpointError):
@@ -143,12 +174,16 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write_bytes(buffer.getvalue(), path)
 
 
+def _is_temporary(name: str) -> bool:
+    return (name.startswith(".") and name.endswith(".tmp")) or name == "metrics.tmp"
+
+
 def remove_stale_temporaries(run_dir: Path) -> list[str]:
     """Delete the temporaries (`.<name>.*.tmp`, and the older `metrics.tmp`) a killed writer left in
     `run_dir`; call only while holding its lock. Returns the names removed."""
     removed = []
     for p in Path(run_dir).iterdir():
-        if p.is_file() and ((p.name.startswith(".") and p.name.endswith(".tmp")) or p.name == "metrics.tmp"):
+        if p.is_file() and _is_temporary(p.name):
             p.unlink(missing_ok=True)
             removed.append(p.name)
     return sorted(removed)
@@ -157,8 +192,6 @@ def remove_stale_temporaries(run_dir: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # the lock
 # ----------------------------------------------------------------------------------------------------------
-
-LOCK_NAME = ".lock"
 
 
 class RunLock:
@@ -252,6 +285,121 @@ class SharedRunLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the owner of a run directory
+# ----------------------------------------------------------------------------------------------------------
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The `epoch` a checkpoint file records (read memory-mapped, without loading its tensors); None when it
+    cannot be read."""
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # noqa: BLE001 - any unreadable file: no epoch
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+class RunDirectory:
+    """A run directory from the first look to the last write (a context manager that releases its lock).
+
+    Only the leader process (rank 0 under torchrun) locks and writes; for the other ranks every method is a
+    no-op. The folder is locked early if it exists (`open_existing`: a finished run is recognised before any
+    data is loaded), else created and locked only when the job is ready to write (`open`), so a call that
+    fails before creates nothing."""
+
+    def __init__(self, path: Path, *, leader: bool = True):
+        self.path = Path(path)
+        self.leader = leader
+        self.lock: RunLock | None = None
+        self.created = False  # this call created the folder (it may remove it again: `discard_if_empty`)
+
+    @property
+    def locked(self) -> bool:
+        return self.lock is not None
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    def open_existing(self, *, restart: bool = False) -> None:
+        """Lock the folder if it exists; with `restart`, move it aside first (kept under a new name)."""
+        if not self.leader or not (self.path.exists() or self.path.is_symlink()):
+            return
+        self.lock = RunLock(self.path).acquire()
+        if restart:
+            aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.rename(aside)
+            self.release()  # the lock file moved with the old run
+            print(f"--restart: moved the previous run to {aside}")
+
+    def open(self) -> None:
+        """Create (if needed) and lock the folder; a no-op when it is locked already."""
+        if self.leader and self.lock is None:
+            self.created = not self.path.exists()
+            self.lock = RunLock(self.path).acquire()
+
+    def begin(self) -> None:
+        """Start writing: remove what a killed writer left; the run is not finished (any more)."""
+        if self.leader:
+            self.remove_stale_temporaries()
+            (self.path / TRAIN_SUMMARY).unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> None:
+        stale = remove_stale_temporaries(self.path)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(stale)}")
+
+    def refuse_orphaned_records(self) -> None:
+        """Without last.pt a folder may hold only what a first epoch writes before its commit (config.json,
+        best.pt and epoch_0001.pt of epoch 1, temporaries), which a new run replaces. Records of committed
+        epochs whose last.pt is gone (deleted, lost) are never overwritten: RunDirError pointing to --restart."""
+        if not self.leader or self.last.exists() or not self.path.is_dir():
+            return
+        found = [name for name in (METRICS_CSV, TRAIN_SUMMARY, EVAL_DIR, CURVES, INPUT_PREDICTIONS)
+                 if (self.path / name).exists()]
+        found += sorted(p.name for p in self.path.glob("epoch_*.pt") if (epoch_of_file(p.name) or 0) > 1)
+        if (self.path / BEST).exists() and checkpoint_epoch(self.path / BEST) != 1:
+            found.append(BEST)
+        if found:
+            raise RunDirError(f"{self.path} holds records of an earlier run ({', '.join(found)}) but not its {LAST}, "
+                              f"so it can be neither resumed nor overwritten; use --restart to start it over (the "
+                              f"old folder is kept under a new name), or another --output.name")
+
+    def committed_note(self) -> str:
+        """One sentence on what a stopped run leaves to resume from."""
+        return (f"{self.last} holds the last finished epoch." if self.last.exists()
+                else "No epoch had finished; nothing to resume from.")
+
+    def discard_if_empty(self) -> None:
+        """Remove the folder if this call created it and no epoch was committed: it holds nothing but this
+        call's own start-up files (config.json, best.pt, epoch files, metrics.csv, tensorboard/, temporaries)."""
+        if not (self.created and self.locked) or self.last.exists():
+            return
+        self.release()
+        own = {LOCK_NAME, CONFIG_JSON, METRICS_CSV, BEST}
+        try:
+            for p in self.path.iterdir():
+                if p.name == TENSORBOARD_DIR and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.name in own or _is_temporary(p.name) or epoch_of_file(p.name) is not None:
+                    p.unlink(missing_ok=True)
+            self.path.rmdir()
+        except OSError:
+            pass  # best effort: a folder we cannot clean up is left as it is
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunDirectory:
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
         return False
 
 

@@ -17,6 +17,7 @@ from helpers import write_fake_medmnist
 
 import predict
 import train
+from engine import saver
 from engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def test_cli_train_then_predict(tmp_path):
     assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.csv", "last.pt", "best.pt",
                                               "train_summary.json", "eval"}
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns) == train.METRICS_HEADER and len(metrics) == 1
+    assert list(metrics.columns) == saver.METRICS_HEADER and len(metrics) == 1
     result = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     predictions = np.load(run / "eval" / "test" / "predictions.npz")
     y, score = predictions["y_true"].ravel(), predictions["y_score"]

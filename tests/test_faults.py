@@ -25,7 +25,7 @@ from helpers import write_fake_medmnist
 
 import predict
 import train
-from engine import rundir, setup
+from engine import rundir, saver, setup
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import ConfigError
 from engine.rundir import FAULTS, RunDirError, RunLock, SimulatedKill
@@ -282,7 +282,7 @@ def test_foreign_checkpoint_is_scored_into_its_own_folder(data_root, tmp_path):
 
 
 def test_json_never_holds_nan_or_infinity(tmp_path):
-    summary = train.summary_of({"epoch": 1, "best_epoch": -1, "best_val_auc": -float("inf"), "dataset": {}})
+    summary = saver.summary_of({"epoch": 1, "best_epoch": -1, "best_val_auc": -float("inf"), "dataset": {}})
     assert summary["best_val_auc"] is None
     rundir.atomic_write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}},
                              tmp_path / "x.json")
