@@ -101,3 +101,93 @@ def test_members_equal_their_single_runs(data_root, tmp_path, monkeypatch, model
     # the two members differ (own initialisation and data order)
     w0, w5 = (load_checkpoint(tmp_path / f"cell-seed{s}" / "last.pt")["model"]["head.weight"] for s in (0, 5))
     assert not torch.allclose(w0, w5)
+
+
+def last_states(out: Path, seeds=(0, 5)) -> dict:
+    runs = {}
+    for seed in seeds:
+        run = out / f"cell-seed{seed}"
+        last = load_checkpoint(run / "last.pt")
+        metrics = pd.read_csv(run / "metrics.csv").drop(columns="time_s")
+        runs[seed] = {"model": last["model"], "optimizer": last["optimizer"], "rng": last["rng"],
+                      "best": load_checkpoint(run / "best.pt")["model"], "metrics": metrics.to_dict("list"),
+                      "leftovers": sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp"))}
+    return runs
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(data_root, tmp_path, monkeypatch):
+    """Dropout and noise on (the default): a kill inside an epoch's training, and one between the members'
+    renames of last.pt, resume to exactly the weights of the uninterrupted ensemble."""
+    seeds = ("--train.seeds", "[0, 5]")
+    assert train.main(args(data_root, tmp_path / "straight", "cell", 2, *seeds)) == 0
+    reference = last_states(tmp_path / "straight")
+    renames = [point for point, name, stage in FAULTS.log if name == "last.pt" and stage == "replaced"]
+    assert len(renames) == 4  # 2 epochs x 2 members
+
+    calls = {"n": 0}
+    real = ensemble.member_losses
+
+    def killed_in_epoch_2(logits, y):
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 2 of epoch 2 (3 steps per epoch)
+            raise SimulatedKill("kill in the middle of epoch 2")
+        return real(logits, y)
+
+    monkeypatch.setattr(ensemble, "member_losses", killed_in_epoch_2)
+    with pytest.raises(SimulatedKill):
+        train.main(args(data_root, tmp_path / "mid", "cell", 2, *seeds))
+    monkeypatch.setattr(ensemble, "member_losses", real)
+    assert train.main(args(data_root, tmp_path / "mid", "cell", 2, *seeds)) == 0
+    assert_close(last_states(tmp_path / "mid"), reference, "kill mid-epoch", exact=True)
+
+    FAULTS.reset(at=renames[2])  # epoch 2: member 0's last.pt renamed, member 5's not yet
+    with pytest.raises(SimulatedKill):
+        train.main(args(data_root, tmp_path / "commit", "cell", 2, *seeds))
+    FAULTS.reset()
+    epochs = [load_checkpoint(tmp_path / "commit" / f"cell-seed{s}" / "last.pt")["epoch"] for s in (0, 5)]
+    assert epochs == [2, 1]
+    assert train.main(args(data_root, tmp_path / "commit", "cell", 2, *seeds)) == 0
+    assert_close(last_states(tmp_path / "commit"), reference, "kill between the renames", exact=True)
+
+
+def test_a_member_with_a_nan_loss_stops_alone(data_root, tmp_path, monkeypatch):
+    real = ensemble.member_losses
+    calls = {"n": 0}
+
+    def nan_for_seed_5_in_epoch_2(logits, y):
+        calls["n"] += 1
+        losses = real(logits, y)
+        if calls["n"] == 4:  # step 1 of epoch 2; seed 5 is member 1
+            losses = losses * torch.tensor([1.0, float("nan")])
+        return losses
+
+    monkeypatch.setattr(ensemble, "member_losses", nan_for_seed_5_in_epoch_2)
+    extra = ("--train.seeds", "[0, 5]", *EXACT)
+    assert train.main(args(data_root, tmp_path, "cell", 3, *extra)) == 3
+    good, bad = tmp_path / "cell-seed0", tmp_path / "cell-seed5"
+    assert json.loads((good / "train_summary.json").read_text())["epochs"] == 3
+    assert not (good / ensemble.DIVERGED).exists()
+    assert not (bad / "train_summary.json").exists()
+    note = json.loads((bad / ensemble.DIVERGED).read_text())
+    assert note["seed"] == 5 and note["epoch"] == 2 and note["committed_epoch"] == 1 and "nan" in note["error"]
+    last = load_checkpoint(bad / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values()
+                                      if isinstance(v, torch.Tensor))
+    # the other member went on as if alone: it equals its single run
+    monkeypatch.setattr(ensemble, "member_losses", real)
+    assert train.main(args(data_root, tmp_path / "single", "cell-seed0", 3, *EXACT, "--train.seed", "0")) == 0
+    assert_close(without_key_bias(load_checkpoint(good / "last.pt")["model"]),
+                 without_key_bias(load_checkpoint(tmp_path / "single" / "cell-seed0" / "last.pt")["model"]), "seed 0")
+
+
+@pytest.mark.parametrize("extra,words", [(("--model.name", "resnet18_3d"), ["resnet18_3d", "BatchNorm"]),
+                                         (("--model.stem", "3dBN"), ["3dBN", "BatchNorm"]),
+                                         (("--model.name", "medmamba3d"), ["medmamba3d", "autograd.Function"]),
+                                         (("--model.name", "logreg"), ["logreg", "scikit-learn"])])
+def test_unsupported_models_are_refused_by_name(data_root, tmp_path, extra, words):
+    with pytest.raises(ConfigError) as err:
+        train.main(["adrenalmnist3d.json", "--data.root", str(data_root), "--output.dir", str(tmp_path),
+                    "--train.seeds", "[0, 1]", *extra])
+    for word in words:
+        assert word in str(err.value)
+    assert not any(tmp_path.iterdir())  # nothing written
