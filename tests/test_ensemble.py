@@ -191,3 +191,38 @@ def test_unsupported_models_are_refused_by_name(data_root, tmp_path, extra, word
     for word in words:
         assert word in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_sweep_batch_seeds_trains_a_cell_in_one_process(data_root, tmp_path, monkeypatch):
+    import predict
+    from tools import seed_batches, sweep
+
+    monkeypatch.chdir(Path(train.__file__).parent)  # the sweep's commands are relative to the repository
+    overrides = {key[2:]: json.loads(value) for key, value in zip(TINY[::2], TINY[1::2])}
+    grid = {"name": "tiny", "datasets": ["adrenalmnist3d"], "seeds": [0, 5],
+            "overrides": {**overrides, "train.epochs": 1, "model.dropout": 0.0},
+            "axes": {"model.name": ["lmttm", "ttm"]}}
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    calls = []
+
+    def in_process(cmd, cwd, log_path, env=None):
+        calls.append(cmd[1:])
+        script = {"train.py": train.main, "predict.py": predict.main}[cmd[1]]
+        return script(cmd[2:])
+
+    runs = sweep.validate_grid(grid)
+    assert [[r.name for r in g] for g in seed_batches.seed_groups(runs)] == [
+        ["adrenalmnist3d-lmttm-seed0", "adrenalmnist3d-lmttm-seed5"], ["adrenalmnist3d-ttm-seed0", "adrenalmnist3d-ttm-seed5"]]
+    out = tmp_path / "out"
+    rc = sweep.main([str(tmp_path / "grid.json"), "--out", str(out), "--batch-seeds",
+                     "--override", f"data.root={data_root}"], runner=in_process)
+    assert rc == 0
+    trains = [c for c in calls if c[0] == "train.py"]
+    assert len(trains) == 2 and all("--train.seeds" in c and "--train.seed" not in c for c in trains)
+    assert trains[0][trains[0].index("--train.seeds") + 1] == "[0, 5]"
+    assert sum(c[0] == "predict.py" for c in calls) == 4
+    for run in runs:
+        assert sweep.is_finished(out / run.name), run.name
+    assert sweep.main([str(tmp_path / "grid.json"), "--out", str(out), "--batch-seeds",
+                       "--override", f"data.root={data_root}"], runner=in_process) == 0
+    assert len(calls) == 6  # finished: nothing trained or predicted again
