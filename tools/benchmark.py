@@ -76,6 +76,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from engine.setup import apply_tf32  # noqa: E402
 from model import MODELS, build_model, count_parameters, get_model_entry  # noqa: E402
+from tools.bench_seeds import run_seeds_case, seeds_report  # noqa: E402
 
 IN_CHANNELS = 1
 NUM_CLASSES = 2
@@ -439,11 +440,14 @@ def main(argv=None) -> int:
                              "print the ratio")
     add_numerics_options(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
+    parser.add_argument("--seeds", type=int, metavar="S", help="S seeds as one batched model (train.seeds) vs S "
+                        "single runs with the same total --threads (tools/bench_seeds.py; lmttm and ttm cases)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     args = parser.parse_args(argv)
 
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        spec = json.loads(args.case)
+        print(json.dumps(run_seeds_case(spec) if spec.get("bench_seeds") else run_case(spec)))
         return 0
 
     for option in ("batch_size", "warmup", "iters", "threads", "baseline_width"):
@@ -469,6 +473,8 @@ def main(argv=None) -> int:
         except (OriginalError, ValueError) as exc:
             parser.error(str(exc))
 
+    if args.seeds:
+        return seeds_report(cases, args.seeds, args.threads or torch.get_num_threads(), args, run_subprocess)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
         if args.device == "cuda":
