@@ -4,6 +4,7 @@
     python train.py adrenalmnist3d --train.epochs 50 --model.dim 64 --model.memory_tokens 64
     python train.py demo.json                                   # offline synthetic demo, about a minute on a CPU
     torchrun --nproc_per_node 4 train.py base.json              # DistributedDataParallel (engine/distributed.py)
+    python train.py base.json --train.seeds [0,1,2]             # 3 seeds as one batched model (engine/ensemble.py)
 
 The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
