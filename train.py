@@ -4,6 +4,7 @@
     python train.py adrenalmnist3d --train.epochs 50 --model.dim 64 --model.memory_tokens 64
     python train.py demo.json                                   # offline synthetic demo, about a minute on a CPU
     torchrun --nproc_per_node 4 train.py base.json              # DistributedDataParallel (engine/distributed.py)
+    python train.py base.json --train.seeds [0,1,2]             # 3 seeds as one batched model (engine/ensemble.py)
 
 The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
@@ -23,28 +24,26 @@ if __name__ == "__main__":  # an interrupt while the imports below run: one line
 import argparse
 import contextlib
 import copy
-import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import DatasetInfo, Split, batches, check_split, data_md5
-from engine.checkpoint import load_weights, package_versions
+from data import batches, check_split, data_md5
+from engine.checkpoint import load_weights
 from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
-from engine import distributed
+from engine import distributed, ensemble
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
-from engine.plots import MissingDependency, TensorBoard, plot_curves
+from engine.plots import TensorBoard
 from engine.rundir import CONFIG_JSON, RunDirectory, RunDirError, Terminated, atomic_write_json
 from engine.saver import CheckpointSaver, complete_finished_run, is_finished, read_resume
+from engine.training import Job, learning_rate, make_optimizer, write_curves
 from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
-                          restore_rng_state, rng_state, run_cli, seed_everything)
+                          restore_rng_state, run_cli, seed_everything)
 from model import MODELS, count_parameters, executed_parameter_count
 from model.classical import is_classical
 
@@ -56,23 +55,6 @@ class NonFiniteLoss(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------
 # pieces of the loop
 # ----------------------------------------------------------------------------------------------------------
-
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def learning_rate(cfg: Config, epoch: int) -> float:
-    """The lr of a (0-based) epoch: a pure function of the epoch, so resuming is exact."""
-    t = cfg.train
-    if t.scheduler == "multistep":
-        return t.lr * t.gamma ** sum(epoch >= round(m * t.epochs) for m in t.milestones)
-    return t.lr
-
 
 def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *, forward=None,
                     check_every: int = 25, dist: Distributed | None = None) -> float:
@@ -89,7 +71,7 @@ def train_one_epoch(model, optimizer, split, cfg: Config, epoch: int, device, *,
     dist = dist or Distributed.single()
     model.train()
     forward = model if forward is None else forward
-    shuffle = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)  # same order on resume
+    shuffle = ensemble.shuffle_generator(cfg.train.seed, epoch)  # same order on resume
     amp = cfg.train.amp and device.type == "cuda"
     full = uses_full_batches(cfg.model)
     steps = len(split) // cfg.train.batch_size if full else -(-len(split) // cfg.train.batch_size)
@@ -161,6 +143,8 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     dist, device_name = distributed.from_environment(cfg.train.device, cfg.train.dist_timeout_min)  # torchrun
     stack.callback(dist.close)
     device = resolve_device(device_name)
+    if cfg.train.seeds is not None:  # the seeds of one config trained together (engine/ensemble.py)
+        return ensemble.train(cfg, args.restart, dist, device, stack)
     if dist.enabled and (is_classical(cfg.model) or uses_full_batches(cfg.model)):
         raise ConfigError(f"{cfg.model_name} with these options cannot train under torchrun: scikit-learn baselines "
                           f"and the batch-dependent compat options run in one process; use python train.py")
@@ -191,33 +175,6 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     print(f"done: best val AUC {saver.best_auc:.4f} at epoch {saver.best_epoch}; checkpoints in {run.path}")
     write_curves(cfg, run.path)
     return 0
-
-
-@dataclasses.dataclass
-class Job:
-    """What a training holds in memory: the data, the model and its optimizer, and how to run them."""
-
-    info: DatasetInfo
-    splits: dict[str, Split]
-    md5: str | None
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    executed: int          # parameters on the executed path (the run's param_count)
-    device: torch.device
-    forward: Callable        # validation: the (compiled) model, never the DDP wrapper
-    train_forward: Callable  # training: the (compiled) model or its DDP wrapper
-    eval_batch: int
-    full_batches: bool
-
-    def state(self, cfg: Config, dist: Distributed) -> dict:
-        """The training state a checkpoint holds (the saver adds the epoch and the run's records)."""
-        info = self.info
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "config": config_to_dict(cfg),
-                "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
-                            "task": info.task, "md5": self.md5},
-                "param_count": self.executed, "versions": package_versions(), "rng": rng_state(),
-                "world_size": dist.world_size}
 
 
 def prepare_job(cfg: Config, dist: Distributed, device: torch.device) -> Job:
@@ -325,16 +282,6 @@ def run_epochs(cfg: Config, run: RunDirectory, job: Job, saver: CheckpointSaver,
         raise RunDirError(f"{err}. Stopped in epoch {epoch + 1}; {committed} "
                           f"Free space or fix the folder, then rerun the same command.") from None
     return 0
-
-
-def write_curves(cfg: Config, run_dir: Path) -> None:
-    """curves.png of the finished run (output.plots); a note, not an error, without matplotlib."""
-    if not cfg.output.plots:
-        return
-    try:
-        print(f"wrote {plot_curves(run_dir)}")
-    except MissingDependency as err:
-        print(f"note: no curves.png: {err}")
 
 
 if __name__ == "__main__":

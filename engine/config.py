@@ -97,6 +97,10 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "help": "lr factor of `multistep`, in [0, 1] (a decay)"})
     seed: int = field(default=3407, metadata={
         "min": 0, "max": 2**32 - 1, "help": "seed of weights, shuffling, dropout and noise"})
+    seeds: Optional[list[int]] = field(default=None, metadata={
+        "help": "train one run per seed in one process, as one batched model (lmttm, ttm): the run of seed s goes "
+                "to `<output.name>-seed<s>` and equals `--train.seed s` alone (README: Seeds in one process); "
+                "null = one run of train.seed"})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`, ..."})
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (an addition; off = float32 as the paper)"})
     grad_clip: float = field(default=0.0, metadata={"min": 0.0, "help": "max gradient norm; 0 = off (as the original)"})

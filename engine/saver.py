@@ -192,6 +192,13 @@ class CheckpointSaver:
     def save(self, state: dict, row: dict, val_auc: float, seconds: float, *, final: bool) -> bool:
         """Commit the epoch `row["epoch"]` of the training `state` (model, optimizer, config, ...); True when its
         validation AUC is the best so far."""
+        state, improved = self.stage(state, row, val_auc, seconds)
+        atomic_save(state, self.run_dir / LAST)  # the commit point of the epoch
+        self.finish(state, final=final)
+        return improved
+
+    def stage(self, state: dict, row: dict, val_auc: float, seconds: float) -> tuple[dict, bool]:
+        """`save` up to the commit: best.pt (if improved) and the epoch file; the state last.pt is to hold."""
         epoch = row["epoch"]
         improved = val_auc > self.best_auc
         if improved:
@@ -205,7 +212,9 @@ class CheckpointSaver:
             atomic_save(state, self.run_dir / BEST)
         if self.keep_last_k:
             atomic_save({k: state[k] for k in EPOCH_FILE_KEYS}, self.run_dir / epoch_file_name(epoch))
-        atomic_save(state, self.run_dir / LAST)  # the commit point of the epoch
-        prune_epoch_files(self.run_dir, epoch, self.keep_last_k)
+        return state, improved
+
+    def finish(self, state: dict, *, final: bool) -> None:
+        """`save` after the commit: prune the epoch files, rewrite the records from the committed state."""
+        prune_epoch_files(self.run_dir, state["epoch"], self.keep_last_k)
         sync_records(self.run_dir, state, finished=final)
-        return improved

@@ -57,7 +57,6 @@ The output is Markdown (header lines and one table per device), ready to paste i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -76,6 +75,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from engine.setup import apply_tf32  # noqa: E402
 from model import MODELS, build_model, count_parameters, get_model_entry  # noqa: E402
+from tools.bench_seeds import run_seeds_case, seeds_report  # noqa: E402
 
 IN_CHANNELS = 1
 NUM_CLASSES = 2
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "print the ratio")
     add_numerics_options(parser)
     parser.add_argument("--json", metavar="PATH", help="also write the header and rows as JSON")
+    parser.add_argument("--seeds", type=int, metavar="S", help="S seeds as one batched model (train.seeds) vs S "
+                        "single runs with the same total --threads (tools/bench_seeds.py; lmttm and ttm cases)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its row as JSON
     return parser
 
@@ -487,9 +489,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        spec = json.loads(args.case)
+        print(json.dumps(run_seeds_case(spec) if spec.get("bench_seeds") else run_case(spec)))
         return 0
     cases, original = checked_cases(args, parser)
+    if args.seeds:
+        return seeds_report(cases, args.seeds, args.threads or torch.get_num_threads(), args, run_subprocess)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     if not torch.cuda.is_available():
         if args.device == "cuda":

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="T",
                         help="with --jobs N > 1: CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS); "
                              "default: cores // N, at least 1; 0 leaves the environment's")
+    parser.add_argument("--batch-seeds", action="store_true",
+                        help="train the runs of a cell that differ only in the seed with one train.py "
+                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
     parser.add_argument("--status", action="store_true",
@@ -199,6 +202,10 @@ def main(argv=None, runner: Runner = subprocess_runner) -> int:
         print(f"note: only the first {args.jobs} of the {len(devices)} --devices are used (one per job slot; "
               f"raise --jobs to use them all)")
     try:
+        if args.batch_seeds:  # one process per cell first; the sweep below then only predicts those runs
+            from tools import seed_batches
+
+            seed_batches.train_cells(runs, runs_dir, extra=extra, runner=runner, dry_run=args.dry_run)
         result = run_sweep(runs, runs_dir, extra=extra, max_runs=args.max_runs, dry_run=args.dry_run, runner=runner,
                            jobs=args.jobs, devices=devices, threads=threads)
     except KeyboardInterrupt:
@@ -213,6 +220,9 @@ def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> i
     from tools import cluster
 
     try:
+        if args.batch_seeds:
+            raise cluster.ClusterError("--batch-seeds runs with --launcher local only for now (a cluster job per "
+                                       "cell is not written yet); drop --batch-seeds to submit one job per run")
         if args.jobs != 1 or args.devices or args.dry_run:
             raise cluster.ClusterError("--jobs, --devices and --dry-run belong to --launcher local; a cluster gives "
                                        "each run its own job (--gpus-per-run, --cpus-per-run)")
