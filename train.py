@@ -5,7 +5,8 @@
     python train.py demo.json                                   # offline synthetic demo, about a minute on a CPU
     torchrun --nproc_per_node 4 train.py base.json              # DistributedDataParallel (engine/distributed.py)
 
-The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
+The run directory (`output.dir/output.name`; by default runs/<config name>-<the settings the overrides change>,
+see engine/runname.py and --print-config) receives train.log (what the run printed), config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
 same command resumes from last.pt; a finished run is left as it is (`--restart` starts it over, keeping
 the old directory under a new name). The run directory is created only when training starts and is locked
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from data import batches, check_split, data_md5
 from engine.checkpoint import CheckpointError, load_checkpoint, load_weights, package_versions
 from engine.config import Config, ConfigError, config_from_dict, config_to_dict, describe_config, load_config
-from engine import distributed
+from engine import distributed, runlog
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import MissingDependency, TensorBoard, plot_curves
@@ -227,9 +228,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any config key can be overridden: --section.key value "
                                             "(e.g. --train.epochs 5 --model.dim 64). See --help-config.")
-    parser.add_argument("config", nargs="?", default="base.json", help="config file (a bare name is looked up in config/)")
+    parser.add_argument("config", nargs="?", help="config file (a bare name is looked up in config/; default base.json)")
     parser.add_argument("--restart", action="store_true", help="start the run over; the old run directory is renamed, not deleted")
-    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its default (and, "
+                        "with a config, its resolved value) and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the config, its "
+                        "`extends` and the overrides; output.name = the run directory's name) as JSON and exit")
     parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
     return parser.parse_known_args(argv)
 
@@ -237,14 +241,26 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     if args.help_config:
-        print(describe_config())
+        print(describe_config(cfg=load_config(args.config, overrides) if args.config else None))
         return 0
+    args.config = args.config or "base.json"
+    if args.print_config:
+        return print_config(load_config(args.config, overrides))
     if args.list_models:
         for name, entry in sorted(MODELS.items()):
             print(f"{name:16s} {entry.help}")
         return 0
+    runlog.attach(load_config(args.config, overrides).run_dir, "train.py", argv)  # <run dir>/train.log
     with contextlib.ExitStack() as stack:  # releases the run directory's lock on any exit
         return _train(args, overrides, stack)
+
+
+def print_config(cfg: Config) -> int:
+    """--print-config: the resolved config as JSON, with the run directory's name as output.name."""
+    resolved = config_to_dict(cfg)
+    resolved["output"]["name"] = cfg.run_name
+    print(json.dumps(resolved, indent=2))
+    return 0
 
 
 def _train(args, overrides, stack: contextlib.ExitStack) -> int:
@@ -433,7 +449,7 @@ def write_curves(cfg: Config, run_dir: Path) -> None:
 
 def _discard_empty_run(run_dir: Path) -> None:
     """Remove a run directory this call created when it holds nothing but its own start-up files."""
-    own = {".lock", "config.json", "metrics.csv", "best.pt"}
+    own = {".lock", "config.json", "metrics.csv", "best.pt", runlog.LOG_NAME}
     try:
         for p in run_dir.iterdir():
             if p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")):
@@ -459,7 +475,8 @@ def _already_finished(cfg: Config, run_dir: Path, resume: dict) -> int:
     if fixed:
         print(f"rebuilt {', '.join(fixed)} of {run_dir} from last.pt (an interrupted write had left it behind)")
     print(f"{run_dir} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
-          f"nothing to do. Use --restart to train it again, or raise --train.epochs to continue.")
+          f"nothing to do. Use --restart to train it again; to continue it, add --output.name {run_dir.name} "
+          f"--train.epochs N (the epochs are part of the default run name).")
     return 0
 
 
