@@ -6,7 +6,7 @@
   reliability diagram), and stores the expected calibration error in `metrics.json` (`ece`, 15 bins).
 
 The numbers (`calibration`, `confusion_counts`) are plain NumPy and always computed; the PNGs need matplotlib,
-an optional dependency: without it the callers print one note and go on. matplotlib is imported only inside the
+(in requirement.txt; without it the callers print one note and go on). matplotlib is imported only inside the
 plotting functions (Agg backend), never at import time.
 
 Calibration follows Guo et al. (2017): each prediction has a confidence (the largest class probability; for a

@@ -165,6 +165,12 @@ def _run_main(main) -> int:
         return code
     except BrokenPipeError:  # `train.py ... | head`: the reader is gone
         runlog.quiet_broken_pipe()
+    except SystemExit:  # argparse's --help and errors: the same quiet end if the pipe is closed
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            runlog.quiet_broken_pipe()
+        raise
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

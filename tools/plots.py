@@ -1,4 +1,4 @@
-"""PNG plots of runs and of aggregated tables (matplotlib, Agg backend; an optional dependency).
+"""PNG plots of runs and of aggregated tables (matplotlib, Agg backend; in requirement.txt).
 
     python tools/plots.py sweeps/table8/adrenalmnist3d-lmttm-mem64-dim64-seed0 [RUN_DIR ...]
     python tools/aggregate.py experiments/table8.json --plots      # tables and every finished run
