@@ -105,3 +105,17 @@ def test_two_commands_train_apart_find_their_folders_again_and_predict_finds_eac
     (tmp_path / "runs" / runs[0]).rename(tmp_path / "runs" / "demo-old")
     assert predict.main([*first, "--output.name", "demo-old"]) == 0
     assert (tmp_path / "runs" / "demo-old" / "eval" / "test" / "metrics.json").is_file()
+
+
+def test_the_readme_names_the_folders_its_commands_train_into():
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Training on MedMNIST 3D")[1]
+    block = section.split("```bash\n")[1].split("```")[0]
+    trains = [shlex.split(line, comments=True)[2:] for line in block.splitlines() if line.startswith("python train.py")]
+    paragraph = section.split("**Run folders.**")[1].split("\n\n")[0]
+    said = re.findall(r"`runs/([^`]+)`", paragraph.split("So the same command")[0])
+    assert said == [name(args[0], *args[1:]) for args in trains]
