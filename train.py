@@ -476,7 +476,7 @@ def _already_finished(cfg: Config, run_dir: Path, resume: dict) -> int:
         print(f"rebuilt {', '.join(fixed)} of {run_dir} from last.pt (an interrupted write had left it behind)")
     print(f"{run_dir} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
           f"nothing to do. Use --restart to train it again; to continue it, add --output.name {run_dir.name} "
-          f"--train.epochs N (the epochs are part of the default run name).")
+          f"--train.epochs N (another --train.epochs makes another default run name).")
     return 0
 
 

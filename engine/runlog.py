@@ -8,7 +8,8 @@ run directory exists (what was printed before is written first), after one heade
     ==== 2026-11-29 23:10:04 UTC  host myhost  python 3.12.3  torch 2.13.0  pid 4242: python train.py demo.json
 
 Progress bars (text with carriage returns or terminal escapes) are left out. The file is opened for each
-write, so a run directory renamed by `--restart` keeps its own log and the new one starts its own. Only
+write, so a run directory renamed by `--restart` keeps its own log and the new one starts its own (with the
+header again). Only
 rank 0 of a torchrun run writes. Output written straight to the file descriptors (by C code) is not copied.
 
 `quiet_broken_pipe()`: when stdout is a pipe whose reader has exited (`train.py ... | head`), the process
@@ -51,6 +52,7 @@ class RunLog:
         self.pending: list[str] = []
         self.size = 0
         self.header = ""
+        self.folder: int | None = None  # the run directory the header went into (its inode)
         self.line_open = False  # the last text copied did not end a line
 
     def attach(self, run_dir: Path, command: list[str]) -> None:
@@ -74,10 +76,14 @@ class RunLog:
         self.flush_pending()
 
     def flush_pending(self) -> None:
-        if self.path is None or not self.pending or not self.path.parent.is_dir():
+        if self.path is None or not self.pending:
             return
-        text = (self.header + "".join(self.pending))
-        self.header, self.pending, self.size = "", [], 0
+        try:
+            folder = os.stat(self.path.parent).st_ino  # a new folder (after --restart) gets its own header
+        except OSError:
+            return
+        text = (self.header if folder != self.folder else "") + "".join(self.pending)
+        self.folder, self.pending, self.size = folder, [], 0
         try:
             with open(self.path, "a", encoding="utf-8", errors="replace") as f:
                 f.write(text)

@@ -39,6 +39,14 @@ def test_train_log_holds_what_each_invocation_printed_after_its_header(tmp_path,
         assert f"torch {torch.__version__}" in h
     assert log == f"{h1}\n{first}{h2}\n{second}"  # exactly what was printed, in order
     assert "epoch   1/1" in first and "resuming" in second and "epoch   2/2" in second
+    with runlog.capture():  # --restart: the old folder keeps its log, the new one starts its own
+        assert train.main([*args, "--train.epochs", "1", "--restart"]) == 0
+    third = capsys.readouterr().out
+    (aside,) = tmp_path.glob("run.old-*")
+    assert (aside / "train.log").read_text() == log
+    (h3,) = headers((tmp_path / "run" / "train.log").read_text())
+    assert h3.endswith("--train.epochs 1 --restart") and "--restart: moved the previous run to" in third
+    assert (tmp_path / "run" / "train.log").read_text() == f"{h3}\n{third}"
 
 
 SCRIPT = """
