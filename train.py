@@ -11,7 +11,8 @@ last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summ
 same command resumes from last.pt; a finished run is left as it is (`--restart` starts it over, keeping
 the old directory under a new name). The run directory is created only when training starts and is locked
 while it runs (a second train.py on it is refused). Exit codes: 0 done, 2 bad config, data, checkpoint or
-output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last finished epoch stays resumable).
+output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last finished epoch stays resumable),
+141 the output's reader went away (`| head`; no message).
 """
 
 from __future__ import annotations
