@@ -6,12 +6,14 @@
     torchrun --nproc_per_node 4 train.py base.json              # DistributedDataParallel (engine/distributed.py)
     python train.py base.json --train.seeds [0,1,2]             # 3 seeds as one batched model (engine/ensemble.py)
 
-The run directory (`output.dir/output.name`, default runs/<config name>) receives config.json, metrics.csv,
+The run directory (`output.dir/output.name`; by default runs/<config name>-<the settings the overrides change>,
+see engine/runname.py and --print-config) receives train.log (what the run printed), config.json, metrics.csv,
 last.pt (every epoch), best.pt (best validation AUC) and, at the end, train_summary.json. Rerunning the
 same command resumes from last.pt; a finished run is left as it is (`--restart` starts it over, keeping
 the old directory under a new name). The run directory is created only when training starts and is locked
 while it runs (a second train.py on it is refused). Exit codes: 0 done, 2 bad config, data, checkpoint or
-output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last finished epoch stays resumable).
+output folder, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM (last.pt of the last finished epoch stays resumable),
+141 the output's reader went away (`| head`; no message).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if __name__ == "__main__":  # an interrupt while the imports below run: one line
 import argparse
 import contextlib
 import copy
+import json
 import math
 import sys
 import time
@@ -35,7 +38,7 @@ from tqdm import tqdm
 from data import batches, check_split, data_md5
 from engine.checkpoint import load_weights
 from engine.config import Config, ConfigError, config_to_dict, describe_config, load_config
-from engine import distributed, ensemble
+from engine import distributed, ensemble, runlog
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import TensorBoard
@@ -115,9 +118,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Any config key can be overridden: --section.key value "
                                             "(e.g. --train.epochs 5 --model.dim 64). See --help-config.")
-    parser.add_argument("config", nargs="?", default="base.json", help="config file (a bare name is looked up in config/)")
+    parser.add_argument("config", nargs="?", help="config file (a bare name is looked up in config/; default base.json)")
     parser.add_argument("--restart", action="store_true", help="start the run over; the old run directory is renamed, not deleted")
-    parser.add_argument("--help-config", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its default (and, "
+                        "with a config, its resolved value) and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the config, its "
+                        "`extends` and the overrides; output.name = the run directory's name) as JSON and exit")
     parser.add_argument("--list-models", action="store_true", help="print the registered models and exit")
     return parser.parse_known_args(argv)
 
@@ -125,14 +131,28 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     if args.help_config:
-        print(describe_config())
+        print(describe_config(cfg=load_config(args.config, overrides) if args.config else None))
         return 0
+    args.config = args.config or "base.json"
+    if args.print_config:
+        return print_config(load_config(args.config, overrides))
     if args.list_models:
         for name, entry in sorted(MODELS.items()):
             print(f"{name:16s} {entry.help}")
         return 0
+    cfg = load_config(args.config, overrides)
+    runlog.attach(ensemble.member_run_dirs(cfg) if cfg.train.seeds is not None else cfg.run_dir, "train.py",
+                  argv)  # <run dir>/train.log (of every member with train.seeds)
     with contextlib.ExitStack() as stack:  # releases the run directory's lock on any exit
         return _train(args, overrides, stack)
+
+
+def print_config(cfg: Config) -> int:
+    """--print-config: the resolved config as JSON, with the run directory's name as output.name."""
+    resolved = config_to_dict(cfg)
+    resolved["output"]["name"] = cfg.run_name
+    print(json.dumps(resolved, indent=2))
+    return 0
 
 
 def _train(args, overrides, stack: contextlib.ExitStack) -> int:

@@ -137,7 +137,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = field(default="runs", metadata={"help": "parent folder of run directories"})
     name: str = field(default="", metadata={
-        "help": "run directory name; empty = `<config file stem>`, e.g. runs/adrenalmnist3d"})
+        "help": "run directory name; empty = the config file's name plus the settings the command line changes, "
+                "e.g. runs/adrenalmnist3d-dim64-epochs4 (see the README)"})
     plots: bool = field(default=True, metadata={
         "help": "PNG plots (needs matplotlib; a note if missing): curves.png at the end of training; roc.png, "
                 "confusion.png and reliability.png beside predict.py's metrics.json"})
@@ -159,11 +160,17 @@ class Config:
     eval: EvalConfig
     output: OutputConfig
     source: str = ""  # the config file it came from (for the default run name)
+    default_name: str = ""  # set by load_config: the file's name plus the changed settings (engine/runname.py)
+    overrides: dict = dataclasses.field(default_factory=dict)  # set by load_config: the command line's settings
+
+    @property
+    def run_name(self) -> str:
+        """output.name, else the default name from the settings, else the config file's name."""
+        return self.output.name or self.default_name or (Path(self.source).stem if self.source else self.data.name)
 
     @property
     def run_dir(self) -> Path:
-        name = self.output.name or (Path(self.source).stem if self.source else self.data.name)
-        return Path(self.output.dir).expanduser() / name
+        return Path(self.output.dir).expanduser() / self.run_name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,11 +450,20 @@ def parse_overrides(args: list[str]) -> dict:
 
 def load_config(name: str | Path, overrides: list[str] | dict | None = None) -> Config:
     """Load a config file (bare name or path) with its `extends` chain and command-line overrides."""
+    from engine.runname import run_name_of
+
     path = resolve_config_path(name)
     layers = _read_layers(path)
-    if overrides:
-        layers.append(("command line", parse_overrides(overrides) if isinstance(overrides, list) else overrides))
-    return config_from_dict(layers, source=str(path))
+    given = (parse_overrides(overrides) if isinstance(overrides, list) else overrides) if overrides else {}
+    cfg = config_from_dict([*layers, ("command line", given)] if given else layers, source=str(path))
+    try:
+        base = config_to_dict(config_from_dict(layers, source=str(path))) if given else None
+    except ConfigError:  # the file alone does not resolve: every override names the run
+        base = None
+    cfg.default_name = run_name_of(path, config_to_dict(cfg), base, given)
+    cfg.overrides = given
+    _check_run_name(cfg.default_name)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -457,24 +473,31 @@ def config_to_dict(cfg: Config) -> dict:
             "output": dataclasses.asdict(cfg.output)}
 
 
-def describe_config(model_names=None) -> str:
-    """Markdown tables of every key with its default and meaning (used by `train.py --help-config`)."""
+def describe_config(model_names=None, cfg: Config | None = None) -> str:
+    """Markdown tables of every key with its default and meaning (used by `train.py --help-config`). With
+    `cfg`, the tables of its sections and model only, with a column of its resolved values (`value`)."""
     lines = []
+    resolved = config_to_dict(cfg) if cfg is not None else None
 
-    def table(title, cls):
-        lines.extend([f"### `{title}`", "", "| key | default | meaning |", "|---|---|---|"])
+    def table(title, cls, section):
+        header = "| key | value | default | meaning |" if resolved else "| key | default | meaning |"
+        lines.extend([f"### `{title}`", "", header, "|---|---|---|---|" if resolved else "|---|---|---|"])
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             meta = f.metadata
             extra = f" (one of {', '.join(map(str, meta['choices']))})" if "choices" in meta else ""
-            lines.append(f"| `{f.name}` | `{json.dumps(default)}` | {meta.get('help', '')}{extra} |")
+            value = f" `{json.dumps(resolved[section][f.name])}` |" if resolved else ""
+            lines.append(f"| `{f.name}` |{value} `{json.dumps(default)}` | {meta.get('help', '')}{extra} |")
         lines.append("")
 
+    if cfg is not None:
+        lines.extend([f"Resolved config of {cfg.source or 'the defaults'} with the given overrides; run directory "
+                      f"{cfg.run_dir}", ""])
     for name, cls in SECTIONS.items():
-        table(name, cls)
+        table(name, cls, name)
     groups: dict[type, list[str]] = {}  # models sharing one config dataclass share one table
-    for name in model_names or sorted(MODELS):
+    for name in ([cfg.model_name] if cfg is not None else model_names or sorted(MODELS)):
         groups.setdefault(get_model_entry(name).config_cls, []).append(name)
     for cls, names in groups.items():
-        table(f"model` with `name` one of: `{'`, `'.join(names)}", cls)
+        table(f"model` with `name` one of: `{'`, `'.join(names)}", cls, "model")
     return "\n".join(lines)

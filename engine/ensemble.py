@@ -39,7 +39,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from data import batches, check_split, data_md5
 from engine.checkpoint import load_weights
-from engine.config import Config, ConfigError, config_to_dict
+from engine.config import Config, ConfigError, config_to_dict, load_config
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.rundir import (CONFIG_JSON, FAULTS, RunDirectory, RunDirError, Terminated, atomic_save,
@@ -93,10 +93,23 @@ def check_supported(cfg: Config, dist: Distributed) -> list[int]:
 
 
 def member_config(cfg: Config, seed: int) -> Config:
-    """The config of the single run a member is: train.seed = seed, no train.seeds, output.name <name>-seed<s>."""
-    name = cfg.run_dir.name
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, seeds=None),
-                               output=dataclasses.replace(cfg.output, name=f"{name}-seed{seed}"))
+    """The config of the single run a member is: train.seed = seed, no train.seeds, and the run directory
+    `--train.seed s` alone would use: with output.name N, N-seed<s> (a sweep's run names); without, the default
+    name of the same command with --train.seed s instead of --train.seeds (engine/runname.py)."""
+    train = dataclasses.replace(cfg.train, seed=seed, seeds=None)
+    if cfg.output.name or not cfg.source:
+        name = f"{cfg.run_name}-seed{seed}"
+    else:
+        given = {section: dict(values) for section, values in cfg.overrides.items()}
+        given.setdefault("train", {}).pop("seeds", None)
+        given["train"]["seed"] = seed
+        name = load_config(cfg.source, given).run_name
+    return dataclasses.replace(cfg, train=train, output=dataclasses.replace(cfg.output, name=name))
+
+
+def member_run_dirs(cfg: Config) -> list:
+    """The run directories of the members of `cfg.train.seeds` (that of each single run)."""
+    return [member_config(cfg, seed).run_dir for seed in cfg.train.seeds]
 
 
 def shuffle_generator(seed: int, epoch: int) -> torch.Generator:

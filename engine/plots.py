@@ -6,7 +6,7 @@
   reliability diagram), and stores the expected calibration error in `metrics.json` (`ece`, 15 bins).
 
 The numbers (`calibration`, `confusion_counts`) are plain NumPy and always computed; the PNGs need matplotlib,
-an optional dependency: without it the callers print one note and go on. matplotlib is imported only inside the
+(in requirement.txt; without it the callers print one note and go on). matplotlib is imported only inside the
 plotting functions (Agg backend), never at import time.
 
 Calibration follows Guo et al. (2017): each prediction has a confidence (the largest class probability; for a
@@ -192,12 +192,21 @@ def plot_roc(labels: np.ndarray, scores: np.ndarray, task: str, out: Path, title
     return Path(out)
 
 
-def plot_confusion(labels: np.ndarray, scores: np.ndarray, task: str, out: Path, title: str) -> Path:
-    """The confusion matrix (counts, and the row share as colour); per-label TN/FP/FN/TP for multi-label."""
+def _class_names(label_names: dict | None, n: int) -> list[str]:
+    """The names of classes 0..n-1 (medmnist.INFO's `label`), else the numbers."""
+    names = label_names or {}
+    return [str(names.get(str(i), names.get(i, i))) for i in range(n)]
+
+
+def confusion_figure(labels: np.ndarray, scores: np.ndarray, task: str, title: str, label_names: dict | None = None):
+    """The confusion matrix figure (counts, and the row share as colour), the classes named by `label_names`;
+    per-label TN/FP/FN/TP for multi-label."""
     counts = confusion_counts(labels, scores, task)
     plt = pyplot()
     rows, cols = counts.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * cols + 2.5), max(3.5, 0.45 * rows + 1.5)))
+    names = _class_names(label_names, rows)
+    wide = max(map(len, names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * cols + 2.5 + 0.06 * wide), max(3.5, 0.45 * rows + 1.5 + 0.04 * wide)))
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for r in range(rows):
@@ -210,13 +219,22 @@ def plot_confusion(labels: np.ndarray, scores: np.ndarray, task: str, out: Path,
         ax.set_ylabel("label")
     else:
         ax.set_xticks(range(cols))
+        ax.set_xticklabels(names, rotation=30 if wide > 6 else 0, ha="right" if wide > 6 else "center", fontsize=7)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
     ax.set_yticks(range(rows))
+    ax.set_yticklabels(names, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(labels: np.ndarray, scores: np.ndarray, task: str, out: Path, title: str,
+                   label_names: dict | None = None) -> Path:
+    """confusion.png: `confusion_figure` saved."""
+    fig = confusion_figure(labels, scores, task, title, label_names)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     return Path(out)
 
 
@@ -252,7 +270,7 @@ def plot_evaluation(out_dir: Path, labels: np.ndarray, scores: np.ndarray, task:
     """roc.png, confusion.png and reliability.png in out_dir (MissingDependency without matplotlib)."""
     out_dir = Path(out_dir)
     return [plot_roc(labels, scores, task, out_dir / "roc.png", f"ROC, {title}", label_names),
-            plot_confusion(labels, scores, task, out_dir / "confusion.png", f"confusion matrix, {title}"),
+            plot_confusion(labels, scores, task, out_dir / "confusion.png", f"confusion matrix, {title}", label_names),
             plot_reliability(calibration(labels, scores, task), out_dir / "reliability.png", f"reliability, {title}")]
 
 

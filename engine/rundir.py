@@ -41,6 +41,7 @@ LOCK_NAME = ".lock"
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
 TRAIN_SUMMARY = "train_summary.json"  # written last: the run is finished (the commit point of a whole run)
+TRAIN_LOG = "train.log"  # what the runs printed (engine/runlog.py)
 LAST = "last.pt"                      # every epoch: the commit point of an epoch
 BEST = "best.pt"                      # the epoch of the best validation AUC, committed by last.pt
 EVAL_DIR = "eval"                     # predict.py's results, one folder per split and protocol
@@ -394,12 +395,12 @@ class RunDirectory:
 
     def discard_if_empty(self) -> None:
         """Remove the folder if this call created it and no epoch was committed: it holds nothing but this
-        call's own start-up files (config.json, best.pt, epoch files, metrics.csv, tensorboard/, temporaries;
+        call's own start-up files (config.json, train.log, best.pt, epoch files, metrics.csv, tensorboard/, temporaries;
         a scikit-learn fit's model.npz, whose run is committed by train_summary.json only)."""
         if not (self.created and self.locked) or self.last.exists() or (self.path / TRAIN_SUMMARY).exists():
             return
         self.release()
-        own = {LOCK_NAME, CONFIG_JSON, METRICS_CSV, BEST, ESTIMATOR}
+        own = {LOCK_NAME, CONFIG_JSON, METRICS_CSV, BEST, ESTIMATOR, TRAIN_LOG}
         try:
             for p in self.path.iterdir():
                 if p.name == TENSORBOARD_DIR and p.is_dir() and not p.is_symlink():

@@ -80,7 +80,8 @@ def complete_finished_run(cfg: Config, run: RunDirectory, resume: dict) -> int:
     if fixed:
         print(f"rebuilt {', '.join(fixed)} of {run.path} from {LAST} (an interrupted write had left it behind)")
     print(f"{run.path} already finished {resume['epoch']} epochs (train.epochs = {cfg.train.epochs}); "
-          f"nothing to do. Use --restart to train it again, or raise --train.epochs to continue.")
+          f"nothing to do. Use --restart to train it again; to continue it, add --output.name "
+          f"{run.path.name} --train.epochs N (another --train.epochs makes another default run name).")
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from data import DatasetInfo, dataset_info, load_splits
+from engine import runlog
 from engine.config import Config, ConfigError
 from model import MODELS, build_model
 from model.registry import get_model_entry
@@ -172,21 +173,40 @@ def check_dims(model_name: str, info: DatasetInfo) -> None:
 def run_cli(main) -> None:
     """Run a script's `main()` and exit with its code. A bad config, data file, checkpoint or output
     folder (full disk, read-only, name too long) exits 2 with one line and no traceback; Ctrl-C exits 130
-    and SIGTERM 143 (handled like Ctrl-C) with one line, wherever they arrive."""
-    from data import DataError
-    from engine.checkpoint import CheckpointError
-    from engine.rundir import Terminated, handle_sigterm
+    and SIGTERM 143 (handled like Ctrl-C) with one line, wherever they arrive; a closed output pipe
+    (`| head`) exits 141 silently. What the script prints is also kept for train.py's train.log."""
+    from engine.rundir import handle_sigterm
 
     handle_sigterm()
+    with runlog.capture():  # train.log: engine/runlog.py
+        code = _run_main(main)
+    sys.exit(code)
+
+
+def _run_main(main) -> int:
+    from data import DataError
+    from engine.checkpoint import CheckpointError
+    from engine.rundir import Terminated
+
     try:
         code = main()
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:  # `train.py ... | head`: the reader is gone
+        runlog.quiet_broken_pipe()
+    except SystemExit:  # argparse's --help and errors: the same quiet end if the pipe is closed
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            runlog.quiet_broken_pipe()
+        raise
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except OSError as err:
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot use{where}: {err.strerror or err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except RuntimeError as err:  # torchrun: another rank died or froze (gloo / NCCL error)
         from engine.distributed import collective_failure
 
@@ -194,11 +214,10 @@ def run_cli(main) -> None:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except Terminated:
         print("\nterminated (SIGTERM) before any result was written", file=sys.stderr)
-        sys.exit(143)
+        return 143
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C) before any result was written", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
+        return 130

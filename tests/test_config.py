@@ -101,7 +101,7 @@ def test_extends_chain_and_relative_parent(tmp_path):
     write(tmp_path / "parent.json", {"extends": str(CONFIG_DIR / "base.json"), "train": {"epochs": 7}})
     child = write(tmp_path / "child.json", {"extends": "parent.json", "model": {"dim": 32}})
     cfg = load_config(child, ["--train.seed", "1"])
-    assert (cfg.train.epochs, cfg.model.dim, cfg.train.seed, cfg.run_dir.name) == (7, 32, 1, "child")
+    assert (cfg.train.epochs, cfg.model.dim, cfg.train.seed, cfg.run_dir.name) == (7, 32, 1, "child-seed1")
     write(tmp_path / "a.json", {"extends": "b.json"})
     write(tmp_path / "b.json", {"extends": "a.json"})
     with pytest.raises(ConfigError, match="cycle"):

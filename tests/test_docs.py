@@ -292,3 +292,95 @@ def test_command_comparison():
     assert ci == [["python", "-m", "venv", ".venv"], [".", ".venv/bin/activate"],
                   ["pip", "install", "-r", "r.txt", "m"]]
     assert commands("python -m venv .venv && . .venv/bin/activate && pip install -r r.txt m") == ci
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's commands run as written once DATA is replaced; what the code imports is installed by the README
+
+
+DATA_OPTIONS = re.compile(r"(--data[.-]root[ =]|data\.root=)(\S+)")
+
+
+def readme_commands_with_code_spans(text: str) -> list[str]:
+    """Lines of the bash blocks and the inline code spans that run a script (python/torchrun ...)."""
+    spans = [m for m in re.findall(r"`([^`\n]+)`", strip_fences(text)) if m.startswith(("python", "torchrun"))]
+    return readme_bash_lines(text) + spans
+
+
+def strip_fences(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def data_roots(text: str) -> list[tuple[str, str]]:
+    return [(line, m.group(2)) for line in readme_commands_with_code_spans(text) for m in DATA_OPTIONS.finditer(line)]
+
+
+def test_readme_commands_name_the_data_folder_DATA_explained_before_its_first_use():
+    text = (REPO / "README.md").read_text()
+    uses = data_roots(text)
+    assert len(uses) >= 5, "the README's data commands were not found"
+    pages = [REPO / "REPRODUCTION.md", *sorted((REPO / "docs").glob("*.md"))]
+    page_uses = [(f"{p.name}: {line}", value) for p in pages for line, value in data_roots(p.read_text())]
+    assert len(page_uses) >= 10, "the docs' data commands were not found"
+    bad = [line for line, value in uses + page_uses if value.strip("`'\"") != "DATA"]
+    assert not bad, "commands with another data folder than the placeholder DATA:\n" + "\n".join(bad)
+    phrase = "`DATA` in the commands below stands for the folder that holds the MedMNIST `.npz` files"
+    explained = text.find(phrase)
+    first_use = min(text.find(line) for line, _ in uses)
+    assert 0 <= explained < first_use, "DATA must be explained (once) before the first command that uses it"
+    assert "`DATA` in the commands below" not in text[explained + len(phrase):]
+
+
+def test_the_data_placeholder_check_catches_other_folders():
+    text = "**`DATA` in the commands below**\n```bash\npython train.py x --data.root ~/data\n```\n" \
+           "and `python tools/sweep.py g --override data.root=/srv/medmnist` and `--data-root DATA`"
+    assert [v for _, v in data_roots(text)] == ["~/data", "/srv/medmnist"]
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "PIL": "pillow"}
+OPTIONAL_IMPORTS = {"mamba_ssm"}  # MedMamba's CUDA kernels, used only when importable (model/selective_scan.py)
+
+
+def imported_packages() -> dict[str, str]:
+    """Third-party top-level packages the project's code imports anywhere (function bodies included) -> a file."""
+    import ast
+    import sys
+
+    local = {"engine", "model", "data", "tools", "tests", "__future__"}
+    found = {}
+    for path in tracked_files():
+        if path.suffix != ".py" or rel(path).startswith("tests/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    found.setdefault(top, rel(path))
+    return found
+
+
+def test_requirement_txt_installs_everything_the_code_imports():
+    from importlib.metadata import PackageNotFoundError, requires
+
+    def norm(name):
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    pinned = {norm(ln.split("==")[0]) for ln in (REPO / "requirement.txt").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")}
+    through = set()  # what the pinned packages themselves depend on (their installed metadata)
+    for dist in pinned:
+        try:
+            through |= {norm(re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires(dist) or []
+                        if "extra ==" not in r}
+        except PackageNotFoundError:
+            pass
+    imports = imported_packages()
+    assert "matplotlib" in imports and "torch" in imports
+    missing = {mod: where for mod, where in imports.items() if mod not in OPTIONAL_IMPORTS
+               and norm(DISTRIBUTIONS.get(mod, mod)) not in pinned | through}
+    assert not missing, f"imported but not installed by requirement.txt: {missing}"
+    readme = (REPO / "README.md").read_text()
+    assert "only needed by the plotting tests" not in readme and "pip install matplotlib`" not in readme

@@ -45,7 +45,7 @@ def run_seeds_case(spec: dict) -> dict:
     from engine import ensemble  # noqa: PLC0415
     from engine.setup import model_from_config  # noqa: PLC0415
     from data import dataset_info  # noqa: PLC0415
-    from train import make_optimizer  # noqa: PLC0415
+    from engine.training import make_optimizer  # noqa: PLC0415
 
     torch.set_num_threads(spec["threads"])
     seeds = list(range(spec["seeds"])) if spec["mode"] == "ensemble" else [0]

@@ -1,4 +1,4 @@
-"""PNG plots of runs and of aggregated tables (matplotlib, Agg backend; an optional dependency).
+"""PNG plots of runs and of aggregated tables (matplotlib, Agg backend; in requirement.txt).
 
     python tools/plots.py sweeps/table8/adrenalmnist3d-lmttm-mem64-dim64-seed0 [RUN_DIR ...]
     python tools/aggregate.py experiments/table8.json --plots      # tables and every finished run
@@ -9,10 +9,11 @@ Per run (written into the run directory):
   class for binary tasks, one-vs-rest per class for multi-class tasks (sklearn.metrics.roc_curve).
 
 Per table (written next to table.md):
-- `bars.png`: AUC and ACC per cell, mean with the sample std over seeds as error bars, the paper's value
-  as a black tick;
+- `bars.png`: AUC and ACC per cell, horizontal bars (mean with the sample std over seeds as error bars, the
+  paper's value as a black tick, "missing" for a cell without runs), the figure as tall as the cells need;
 - `heatmap_<group>.png` where the grid's table has a "heatmap" ({"rows", "cols", "panels", "metric"}, e.g.
-  memory x dimension for TTM and LMTTM in Tables 8-9): one panel per model, ours above, the paper below.
+  memory x dimension for TTM and LMTTM in Tables 8-9): one panel per model, ours above, the paper below;
+  a cell without runs reads "missing" and one without a paper value "n/a", as in table.md.
 
 The per-run plots live in engine/plots.py (train.py and predict.py write them too); matplotlib is imported
 only inside the plotting functions.
@@ -54,28 +55,35 @@ def plot_run(run_dir, split: str = "test") -> list:
 
 
 def plot_bars(agg, out_dir) -> Path:
-    """bars.png: AUC and ACC per cell (mean ± std over seeds) with the paper's values."""
+    """bars.png: AUC and ACC per cell (mean ± std over seeds) with the paper's values, as horizontal bars
+    side by side, one row per cell named in plain text (the figure grows with the number of cells)."""
     plt = _pyplot()
     cells = agg.cells
-    x = list(range(len(cells)))
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(cells) + 2), 7), sharex=True)
+    y = list(range(len(cells)))
+    longest = max((len(c.name) for c in cells), default=10)
+    fig, axes = plt.subplots(1, 2, figsize=(6.0 + 0.07 * longest, max(3.5, 0.2 * len(cells) + 1.6)), sharey=True)
     for ax, metric in zip(axes, ("auc", "acc")):
         means = [c.mean(metric) if c.n else math.nan for c in cells]
         errs = [c.std(metric) or 0.0 for c in cells]
-        ax.bar(x, means, yerr=errs, capsize=2, color="tab:blue", alpha=0.8, label="ours (mean ± std)")
-        px = [i for i, c in enumerate(cells) if metric in c.paper]
-        if px:
-            ax.scatter(px, [cells[i].paper[metric] for i in px], marker="_", s=200, color="black", zorder=3,
+        ax.barh(y, means, xerr=errs, capsize=2, height=0.7, color="tab:blue", alpha=0.8, label="ours (mean ± std)")
+        py = [i for i, c in enumerate(cells) if metric in c.paper]
+        if py:
+            ax.scatter([cells[i].paper[metric] for i in py], py, marker="|", s=120, color="black", zorder=3,
                        label="paper")
+        for i, c in enumerate(cells):
+            if not c.n:
+                ax.text(0.01, i, "missing", transform=ax.get_yaxis_transform(), va="center", fontsize=6,
+                        color="gray")
         finite = [v for v in means + [c.paper.get(metric, math.nan) for c in cells] if not math.isnan(v)]
         low = min(finite) if finite else 0.0
-        ax.set_ylim(max(0.0, math.floor(low * 10) / 10 - 0.1), 1.0)
-        ax.set_ylabel(metric.upper())
-        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(max(0.0, math.floor(low * 10) / 10 - 0.1), 1.0)
+        ax.set_xlabel(f"test {metric.upper()}")
+        ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    axes[-1].set_xticks(x)
-    axes[-1].set_xticklabels([c.name for c in cells], rotation=90, fontsize=7)
-    axes[0].set_title(f"{agg.grid['name']}: test split, {len(cells)} cells", fontsize=9)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([c.name for c in cells], fontsize=7)
+    axes[0].set_ylim(len(cells) - 0.5, -0.5)  # the first cell on top
+    fig.suptitle(f"{agg.grid['name']}: test split, {len(cells)} cells", fontsize=9)
     fig.tight_layout()
     out = Path(out_dir) / "bars.png"
     fig.savefig(out, dpi=100)
@@ -128,8 +136,9 @@ def plot_heatmaps(agg, out_dir) -> list:
                 for r in range(len(rows)):
                     for k in range(len(cols)):
                         value = data[r, k]
-                        if np.isnan(value):
-                            ax.text(k, r, "n/a", ha="center", va="center", fontsize=7, color="gray")
+                        if np.isnan(value):  # as table.md: "missing" (no run), "n/a" (the paper has no value)
+                            ax.text(k, r, "missing" if what == "ours" else "n/a", ha="center", va="center",
+                                    fontsize=7, color="gray")
                         else:
                             dark = (value - vmin) / (vmax - vmin) < 0.6
                             ax.text(k, r, f"{value:.3f}", ha="center", va="center", fontsize=7,

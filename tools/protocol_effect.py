@@ -2,7 +2,8 @@
 
     python tools/protocol_effect.py RUN_DIR --data-root PATH [--k 20] [--repeats 5] [--json out.json]
 
-RUN_DIR is a run directory trained with `--train.keep_last_k K` (K >= k). Printed, all on the test split:
+RUN_DIR must be a run trained with `--train.keep_last_k K` (K >= k, e.g. `python train.py CONFIG ...
+--train.keep_last_k 20`): train.py keeps no epoch checkpoints otherwise, and the tool says so. Printed, all on the test split:
 
 * MedMNIST protocol (this project's default): best.pt (best validation AUC), the full split in dataset order;
 * the paper's "mean over the last k epochs", honestly: each of the last k epoch checkpoints on the full split
@@ -55,16 +56,18 @@ def main(argv=None) -> int:
     if args.k < 2 or args.repeats < 1:
         parser.error("--k must be at least 2 and --repeats at least 1")
 
+    epochs = sorted(args.run_dir.glob("epoch_*.pt"))[-args.k:]
+    if len(epochs) < args.k:  # checked first: the usual mistake, a run trained without keep_last_k
+        raise CheckpointError(
+            f"{args.run_dir} holds {len(epochs)} epoch checkpoint(s) (epoch_NNNN.pt); --k {args.k} needs the last "
+            f"{args.k}. train.py keeps them only when asked: train the run with --train.keep_last_k {args.k} "
+            f"(e.g. python train.py CONFIG ... --train.keep_last_k {args.k}), or lower --k")
     best = args.run_dir / "best.pt"
     cfg = config_from_dict([(str(best), load_checkpoint(best)["config"])])
     cfg.data.root, cfg.data.download = args.data_root, False
     info, splits = load_data(cfg, torch.device("cpu"), splits=("test",))
     test = splits["test"]
     labels = test.labels.numpy()
-    epochs = sorted(args.run_dir.glob("epoch_*.pt"))[-args.k:]
-    if len(epochs) < args.k:
-        raise CheckpointError(f"{args.run_dir} holds {len(epochs)} epoch checkpoints; --k {args.k} needs {args.k} "
-                              f"(train with --train.keep_last_k {args.k})")
     batch = cfg.train.batch_size
     full = uses_full_batches(cfg.model)  # compat: full batches at the training batch size, padding discarded
     rows = {}
