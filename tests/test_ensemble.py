@@ -226,3 +226,18 @@ def test_sweep_batch_seeds_trains_a_cell_in_one_process(data_root, tmp_path, mon
     assert sweep.main([str(tmp_path / "grid.json"), "--out", str(out), "--batch-seeds",
                        "--override", f"data.root={data_root}"], runner=in_process) == 0
     assert len(calls) == 6  # finished: nothing trained or predicted again
+
+
+def test_members_train_into_the_folders_of_their_single_runs():
+    """Without --output.name a member's folder is the one `--train.seed s` alone names (engine/runname.py);
+    with it, <name>-seed<s> (the sweep's run names)."""
+    from engine.config import load_config
+    from engine.ensemble import member_run_dirs
+
+    both = ["--model.dim", "16", "--train.epochs", "2"]
+    cfg = load_config("demo.json", [*both, "--train.seeds", "[3407,1,2]"])  # 3407: the default train.seed
+    singles = [load_config("demo.json", [*both, "--train.seed", str(s)]).run_dir for s in (3407, 1, 2)]
+    assert member_run_dirs(cfg) == singles
+    assert singles[0].name == "demo-dim16-epochs2" and singles[1].name == "demo-dim16-epochs2-seed1"
+    named = load_config("demo.json", [*both, "--train.seeds", "[3,4]", "--output.name", "cell"])
+    assert [p.name for p in member_run_dirs(named)] == ["cell-seed3", "cell-seed4"]
