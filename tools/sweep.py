@@ -220,9 +220,6 @@ def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> i
     from tools import cluster
 
     try:
-        if args.batch_seeds:
-            raise cluster.ClusterError("--batch-seeds runs with --launcher local only for now (a cluster job per "
-                                       "cell is not written yet); drop --batch-seeds to submit one job per run")
         if args.jobs != 1 or args.devices or args.dry_run:
             raise cluster.ClusterError("--jobs, --devices and --dry-run belong to --launcher local; a cluster gives "
                                        "each run its own job (--gpus-per-run, --cpus-per-run)")
@@ -234,6 +231,7 @@ def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> i
         print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}, launcher {args.launcher}")
         result, jobs = cluster.submit(
             runs, runs_dir, extra=extra, launcher=args.launcher, max_runs=args.max_runs, resubmit=args.resubmit,
+            batch_seeds=args.batch_seeds,
             partition=args.partition, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
             time_min=args.time, mem_gb=args.mem, array_parallelism=args.slurm_array_parallelism, sbatch_extra=slurm_extra,
             max_requeues=args.max_requeues, job_name=f"lmttm-{grid['name']}")
