@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: cores // N, at least 1; 0 leaves the environment's")
     parser.add_argument("--batch-seeds", action="store_true",
                         help="train the runs of a cell that differ only in the seed with one train.py "
-                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual")
+                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual; with "
+                             "--launcher slurm/submitit-local: one job per cell")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
     parser.add_argument("--status", action="store_true",
