@@ -1,5 +1,6 @@
 """tools/sweep.py --launcher slurm / submitit-local (tools/cluster.py): the same runs as a local sweep, a job
-interrupted mid-training requeued and resumed to the same weights, --status, and the sbatch parameters."""
+interrupted mid-training requeued and resumed to the same weights, --status, the sbatch parameters, and
+--batch-seeds as one job per seed cell."""
 
 from __future__ import annotations
 
