@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "with its log), for sweeps on a cluster; runs nothing")
     cluster_args = parser.add_argument_group("cluster (tools/cluster.py; needs submitit)")
     cluster_args.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                              help="local (default): run here; slurm: one SLURM job per unfinished run (per cell with --batch-seeds), as a job "
-                                   "array; submitit-local: the same jobs on this machine through submitit")
+                              help="local (default): run here; slurm: one SLURM job per unfinished run (per cell with "
+                                   "--batch-seeds), as a job array; submitit-local: the same jobs on this machine through submitit")
     cluster_args.add_argument("--partition", help="SLURM partition")
     cluster_args.add_argument("--gpus-per-run", type=int, default=0, metavar="G", help="GPUs of each job (default 0)")
     cluster_args.add_argument("--cpus-per-run", type=int, metavar="C",
