@@ -231,7 +231,8 @@ def test_batch_seeds_sends_one_job_per_cell(tmp_path, monkeypatch, capsys):
     # the cell's command: the first run's train.py with the seed list and the cell's name, written out here
     first = single[0][0]
     i, j = first.index("--train.seed"), first.index("--output.name")
-    expected = first[:i] + ["--train.seeds", "[0, 1, 2]"] + first[i + 2:j] + ["--output.name", "synthetic3d"] + first[j + 2:]
+    expected = (first[:i] + ["--train.seeds", "[0, 1, 2]"] + first[i + 2:j] + ["--output.name", "synthetic3d"]
+                + first[j + 2:])
     assert i < j and job.cell_cmd == expected
     for run in runs:
         assert json.loads((out / run.name / "job.json").read_text())["job_id"] == "777_0"
@@ -264,7 +265,8 @@ def test_batch_seeds_cell_job_runs_with_submitit_local(tmp_path, monkeypatch):
     ids = {cluster.read_state(out / f"synthetic3d-seed{s}")["job_id"] for s in (0, 1)}
     assert len(ids) == 1
     log = (out / "synthetic3d-seed0" / "sweep.log").read_text()
-    assert log.count("--train.seeds [0, 1]") == 1 and "train.py" not in (out / "synthetic3d-seed1" / "sweep.log").read_text()
+    assert log.count("--train.seeds [0, 1]") == 1  # one process for the cell; seed 1 only predicted
+    assert "train.py" not in (out / "synthetic3d-seed1" / "sweep.log").read_text()
     for seed in (0, 1):
         a, b = tmp_path / "local" / f"synthetic3d-seed{seed}", out / f"synthetic3d-seed{seed}"
         assert cluster.read_state(b)["state"] == "done" and files_of(b) - JOB_FILES == files_of(a)

@@ -238,8 +238,9 @@ def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None,
             jobs.append(RunJob(runs_dir / unit[0].name, *cmds[0], cwd, resources["cpus_per_run"]))
         else:
             untrained = [run for run in unit if not train_finished(runs_dir / run.name)]
-            jobs.append(CellJob([runs_dir / run.name for run in unit], cell_train_command(untrained, runs_dir, extra, python),
-                                [c[0] for c in cmds], [c[1] for c in cmds], cwd, resources["cpus_per_run"]))
+            cell_cmd = cell_train_command(untrained, runs_dir, extra, python)
+            jobs.append(CellJob([runs_dir / run.name for run in unit], cell_cmd, [c[0] for c in cmds],
+                                [c[1] for c in cmds], cwd, resources["cpus_per_run"]))
     if executor is None:
         executor = make_executor(launcher, runs_dir / ".submitit" / "%j", **resources)
     # the job process unpickles RunJob from this repository: make it importable there

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: cores // N, at least 1; 0 leaves the environment's")
     parser.add_argument("--batch-seeds", action="store_true",
                         help="train the runs of a cell that differ only in the seed with one train.py "
-                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual; with "
-                             "--launcher slurm/submitit-local: one job per cell")
+                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual; "
+                             "with --launcher slurm/submitit-local: one job per cell")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
     parser.add_argument("--status", action="store_true",
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_args = parser.add_argument_group("cluster (tools/cluster.py; needs submitit)")
     cluster_args.add_argument("--launcher", choices=LAUNCHERS, default="local",
                               help="local (default): run here; slurm: one SLURM job per unfinished run (per cell with "
-                                   "--batch-seeds), as a job array; submitit-local: the same jobs on this machine through submitit")
+                                   "--batch-seeds), as a job array; submitit-local: the same jobs on this machine "
+                                   "through submitit")
     cluster_args.add_argument("--partition", help="SLURM partition")
     cluster_args.add_argument("--gpus-per-run", type=int, default=0, metavar="G", help="GPUs of each job (default 0)")
     cluster_args.add_argument("--cpus-per-run", type=int, metavar="C",
