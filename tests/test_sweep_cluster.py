@@ -1,5 +1,6 @@
 """tools/sweep.py --launcher slurm / submitit-local (tools/cluster.py): the same runs as a local sweep, a job
-interrupted mid-training requeued and resumed to the same weights, --status, and the sbatch parameters."""
+interrupted mid-training requeued and resumed to the same weights, --status, the sbatch parameters, and
+--batch-seeds as one job per seed cell."""
 
 from __future__ import annotations
 
@@ -210,3 +211,64 @@ def test_resubmit_submits_queued_runs_again(tmp_path, monkeypatch):
     assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm"]) == 0            # queued: left alone
     assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm", "--resubmit"]) == 0
     assert [len(e.submitted) for e in RecordingExecutor.instances] == [2, 2]
+
+
+def test_batch_seeds_sends_one_job_per_cell(tmp_path, monkeypatch, capsys):
+    """--batch-seeds on SLURM: one array task per cell running the cell's train.py --train.seeds [...] and each
+    member's predict.py; every member's job.json names that task; a cell with one seed left to train is per-run."""
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: "/usr/bin/sbatch" if name == "sbatch" else None)
+    monkeypatch.setattr(submitit, "SlurmExecutor", RecordingExecutor)
+    RecordingExecutor.instances.clear()
+    grid = grid_file(tmp_path, epochs=5, seeds=(0, 1, 2))
+    runs = sweep.validate_grid(sweep.load_grid(grid))
+    out = tmp_path / "runs"
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "slurm", "--batch-seeds"]) == 0
+    (job,) = RecordingExecutor.instances[0].submitted
+    assert isinstance(job, cluster.CellJob) and job.threads == 4
+    single = [[list(map(str, c)) for c in sweep.commands(run, out, None)] for run in runs]
+    assert job.predict_cmds == [predict for _, predict in single] and job.train_cmds == [t for t, _ in single]
+    # the cell's command: the first run's train.py with the seed list and the cell's name, written out here
+    first = single[0][0]
+    i, j = first.index("--train.seed"), first.index("--output.name")
+    expected = (first[:i] + ["--train.seeds", "[0, 1, 2]"] + first[i + 2:j] + ["--output.name", "synthetic3d"]
+                + first[j + 2:])
+    assert i < j and job.cell_cmd == expected
+    for run in runs:
+        assert json.loads((out / run.name / "job.json").read_text())["job_id"] == "777_0"
+    assert sweep.main([str(grid), "--out", str(out), "--status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-3:] == [f"{run.name}: queued (job 777_0)" for run in runs]
+    # pre-empted: every member is marked requeued and the same cell job goes back in the queue
+    again = job.checkpoint().function
+    assert isinstance(again, cluster.CellJob) and again.cell_cmd == job.cell_cmd and again.members == job.members
+    assert {cluster.read_state(out / run.name)["state"] for run in runs} == {"requeued"}
+    # two seeds trained already: the third is a per-run job; the trained ones only predict, alone
+    other = tmp_path / "other"
+    for run in runs[:2]:
+        (other / run.name).mkdir(parents=True)
+        (other / run.name / "train_summary.json").write_text(json.dumps({"finished": True}))
+    assert sweep.main([str(grid), "--out", str(other), "--launcher", "slurm", "--batch-seeds"]) == 0
+    jobs = RecordingExecutor.instances[-1].submitted
+    assert [type(j) for j in jobs] == [cluster.RunJob] * 3
+    assert [j.train_cmd for j in jobs] == [list(map(str, sweep.commands(run, other, None)[0])) for run in runs]
+
+
+def test_batch_seeds_cell_job_runs_with_submitit_local(tmp_path, monkeypatch):
+    """A 2-seed cell as one submitit-local job: one train.py --train.seeds, both members predicted, the same
+    metrics as a local --batch-seeds sweep, each member's state "done" under the one job id."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grid = grid_file(tmp_path, epochs=1)
+    assert sweep.main([str(grid), "--out", str(tmp_path / "local"), "--batch-seeds"]) == 0
+    out = tmp_path / "jobs"
+    assert sweep.main([str(grid), "--out", str(out), "--launcher", "submitit-local", "--batch-seeds",
+                       "--cpus-per-run", "1"]) == 0
+    ids = {cluster.read_state(out / f"synthetic3d-seed{s}")["job_id"] for s in (0, 1)}
+    assert len(ids) == 1
+    log = (out / "synthetic3d-seed0" / "sweep.log").read_text()
+    assert log.count("--train.seeds [0, 1]") == 1  # one process for the cell; seed 1 only predicted
+    assert "train.py" not in (out / "synthetic3d-seed1" / "sweep.log").read_text()
+    for seed in (0, 1):
+        a, b = tmp_path / "local" / f"synthetic3d-seed{seed}", out / f"synthetic3d-seed{seed}"
+        assert cluster.read_state(b)["state"] == "done" and files_of(b) - JOB_FILES == files_of(a)
+        ma, mb = (json.loads((d / "eval" / "test" / "metrics.json").read_text()) for d in (a, b))
+        assert (ma["auc"], ma["acc"]) == (mb["auc"], mb["acc"])

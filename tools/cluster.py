@@ -21,6 +21,12 @@ sweep again submits the runs that are neither finished nor queued/running by job
 outright (scancel, node failure) still says queued or running there: add `--resubmit` to submit it again (it
 resumes the same way).
 
+With `--batch-seeds`, the runs of a cell that differ only in their seed and have at least two seeds left to train
+are one job (`CellJob`): the cell's one `train.py --train.seeds [...]` (tools/seed_batches.py), then each member's
+predict.py as above; pre-empted, it is requeued the same way and train.py resumes every member. A member that
+process did not finish is trained alone in the same job. Each member's job.json and job_state.json name the
+cell's job, so `--status` shows the members as usual.
+
 Files in each run directory, next to `sweep.log`:
 - `job.json`: the submission (launcher, job id, submitit's log files);
 - `job_state.json`: the job's state: "queued" (written just before submission), then written by the job itself
@@ -34,6 +40,7 @@ submitit is optional: local sweeps never import it.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -49,9 +56,11 @@ if __package__ in (None, ""):
 from engine.rundir import atomic_write_json  # noqa: E402
 from tools import launch  # noqa: E402  (launch.available_cores is looked up at call time: tests patch it)
 from tools.grid import REPO_ROOT  # noqa: E402
-from tools.launch import SweepResult, plan, prepare, run_steps, thread_env  # noqa: E402
+from tools.launch import Busy, SweepResult, plan, prepare, run_steps, thread_env  # noqa: E402
 from tools.launch_local import parent_death_signal  # noqa: E402
-from tools.run_state import JOB_FILE, LOG_FILE, STATE_FILE, commands, read_state, write_state  # noqa: E402,F401
+from tools.seed_batches import cell_train_command, seed_groups  # noqa: E402
+from tools.run_state import (JOB_FILE, LOG_FILE, STATE_FILE, commands, live_trainer, read_state,  # noqa: E402,F401
+                             train_finished, write_state)
 
 
 class ClusterError(RuntimeError):
@@ -124,10 +133,53 @@ class RunJob:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        write_state(Path(self.run_dir), "requeued")
+        for run_dir in self.run_dirs():
+            write_state(Path(run_dir), "requeued")
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(type(self)(self.run_dir, self.train_cmd, self.predict_cmd, self.cwd, self.threads))
+        clone = copy.copy(self)
+        clone._proc = None
+        return DelayedSubmission(clone)
+
+    def run_dirs(self) -> list[str]:
+        return [self.run_dir]
+
+
+class CellJob(RunJob):
+    """The runs of a seed cell (`--batch-seeds`) as one submitit job: the cell's one
+    `train.py --train.seeds [...]` (tools/seed_batches.py; output in the first member's sweep.log), then each
+    member's usual steps (`run_steps`: predict.py, or train.py alone first for a member the cell's process did
+    not finish). Pre-empted, it requeues like a RunJob and train.py resumes every member from its last.pt."""
+
+    def __init__(self, run_dirs, cell_cmd, train_cmds, predict_cmds, cwd, threads: int = 0):
+        super().__init__(run_dirs[0], train_cmds[0], predict_cmds[0], cwd, threads)
+        self.members = [str(d) for d in run_dirs]
+        self.cell_cmd = list(map(str, cell_cmd))
+        self.train_cmds = [list(map(str, c)) for c in train_cmds]
+        self.predict_cmds = [list(map(str, c)) for c in predict_cmds]
+
+    def run_dirs(self) -> list[str]:
+        return self.members
+
+    def __call__(self) -> str:
+        dirs, env = [Path(d) for d in self.members], thread_env(self.threads)
+        for run_dir in dirs:
+            write_state(run_dir, "running", node=socket.gethostname(), pid=os.getpid())
+        untrained = [d for d in dirs if not train_finished(d)]
+        if len(untrained) >= 2 and not any(live_trainer(d) for d in dirs):  # a failure: trained alone below
+            self._runner(self.cell_cmd, Path(self.cwd), untrained[0] / LOG_FILE, env=env)
+        failures = []
+        for run_dir, train_cmd, predict_cmd in zip(dirs, self.train_cmds, self.predict_cmds):
+            try:
+                reason = run_steps(run_dir, train_cmd, predict_cmd, self._runner, Path(self.cwd), env=env, job=True)
+            except Busy as err:
+                reason = f"a live train.py holds it ({err})"
+                write_state(run_dir, "failed", reason=reason)
+            if reason is not None:
+                failures.append(f"{run_dir.name}: {reason}; log: {run_dir / LOG_FILE}")
+        if failures:
+            raise RuntimeError("\n".join(failures))
+        return "done"
 
 
 def make_executor(launcher: str, folder: Path, *, partition=None, gpus_per_run=0, cpus_per_run=1, time_min=60,
@@ -164,42 +216,71 @@ def _link(link: Path, target: Path) -> None:
 
 
 def submit(runs, runs_dir: Path, *, extra=None, launcher="slurm", max_runs=None, python=sys.executable,
-           cwd: Path = REPO_ROOT, log=print, executor=None, resubmit: bool = False, **resources):
-    """Submit every unfinished run (the local sweep's `plan`) as one job; returns (SweepResult, [(run name, job)]).
+           cwd: Path = REPO_ROOT, log=print, executor=None, resubmit: bool = False, batch_seeds: bool = False,
+           **resources):
+    """Submit every unfinished run (the local sweep's `plan`) as one job, or with `batch_seeds` the runs of a
+    seed cell with at least two seeds left to train as one `CellJob`; returns (SweepResult, [(names, job)]).
     A run whose job_state.json says queued, running or requeued is left alone unless `resubmit`. Without
     `cpus_per_run`, a job gets `default_cpus(launcher, number of jobs)` cores."""
     runs_dir = Path(runs_dir)
     result = SweepResult()
-    todo = plan(runs, runs_dir, result, extra=extra, max_runs=max_runs, log=log,
-                hold=None if resubmit else _held_by_a_job)
+    todo = [run for _, run in plan(runs, runs_dir, result, extra=extra, max_runs=max_runs, log=log,
+                                   hold=None if resubmit else _held_by_a_job)]
     if not todo:
         return result, []
+    units = job_units(todo, runs_dir) if batch_seeds else [[run] for run in todo]
     if resources.get("cpus_per_run") is None:
-        resources["cpus_per_run"] = default_cpus(launcher, len(todo))
+        resources["cpus_per_run"] = default_cpus(launcher, len(units))
     jobs = []
-    for _, run in todo:
-        train_cmd, predict_cmd = commands(run, runs_dir, extra, python)
-        jobs.append(RunJob(runs_dir / run.name, train_cmd, predict_cmd, cwd, resources["cpus_per_run"]))
+    for unit in units:
+        cmds = [commands(run, runs_dir, extra, python) for run in unit]
+        if len(unit) == 1:
+            jobs.append(RunJob(runs_dir / unit[0].name, *cmds[0], cwd, resources["cpus_per_run"]))
+        else:
+            untrained = [run for run in unit if not train_finished(runs_dir / run.name)]
+            cell_cmd = cell_train_command(untrained, runs_dir, extra, python)
+            jobs.append(CellJob([runs_dir / run.name for run in unit], cell_cmd, [c[0] for c in cmds],
+                                [c[1] for c in cmds], cwd, resources["cpus_per_run"]))
     if executor is None:
         executor = make_executor(launcher, runs_dir / ".submitit" / "%j", **resources)
     # the job process unpickles RunJob from this repository: make it importable there
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    for _, run in todo:
+    for run in todo:
         prepare(run, runs_dir / run.name, extra)
         write_state(runs_dir / run.name, "queued")  # before the job exists: from now on only the job writes its state
     with executor.batch():  # one job array on SLURM
         submitted_jobs = [executor.submit(job) for job in jobs]
     submitted = []
-    for (_, run), job in zip(todo, submitted_jobs):
-        run_dir, paths = runs_dir / run.name, job.paths
-        atomic_write_json({"job_id": str(job.job_id), "launcher": launcher,
-                           "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "stdout": str(paths.stdout),
-                           "stderr": str(paths.stderr)}, run_dir / JOB_FILE)
-        _link(run_dir / "job.out", paths.stdout)
-        _link(run_dir / "job.err", paths.stderr)
-        log(f"{run.name}: submitted as job {job.job_id}")
-        submitted.append((run.name, job))
+    for unit, job in zip(units, submitted_jobs):
+        paths = job.paths
+        for run in unit:  # every member of a cell points at the cell's job
+            run_dir = runs_dir / run.name
+            atomic_write_json({"job_id": str(job.job_id), "launcher": launcher,
+                               "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "stdout": str(paths.stdout),
+                               "stderr": str(paths.stderr)}, run_dir / JOB_FILE)
+            _link(run_dir / "job.out", paths.stdout)
+            _link(run_dir / "job.err", paths.stderr)
+        names = ", ".join(run.name for run in unit)
+        log(f"{names}: submitted as job {job.job_id}" + (" (the seeds in one process)" if len(unit) > 1 else ""))
+        submitted.append((names, job))
     return result, submitted
+
+
+def job_units(todo: list, runs_dir: Path) -> list[list]:
+    """`todo` as the runs of one job each, in grid order: the runs of a seed cell (`seed_groups`) with at least
+    two seeds left to train together, every other run alone."""
+    cell_of = {}
+    for group in seed_groups(todo):
+        if sum(not train_finished(Path(runs_dir) / run.name) for run in group) >= 2:
+            for run in group:
+                cell_of[run.name] = group
+    units, seen = [], set()
+    for run in todo:
+        unit = cell_of.get(run.name, [run])
+        if unit[0].name not in seen:
+            seen.add(unit[0].name)
+            units.append(unit)
+    return units
 
 
 def _held_by_a_job(run_dir: Path):

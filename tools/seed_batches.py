@@ -6,6 +6,7 @@ The members of `--train.seeds` land in `<output.name>-seed<s>`, which is the swe
 predict step, the skip and resume rules, tools/aggregate.py) is the sweep's usual per-run handling:
 `train_cells` only trains, before the sweep runs; the sweep then finds those runs trained and only predicts.
 A member that did not finish (e.g. its loss became non-finite) is trained again by the sweep as a single run.
+On a cluster (tools/cluster.py, `CellJob`) the same groups and command run as one job per cell.
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: cores // N, at least 1; 0 leaves the environment's")
     parser.add_argument("--batch-seeds", action="store_true",
                         help="train the runs of a cell that differ only in the seed with one train.py "
-                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual")
+                             "--train.seeds [...] (tools/seed_batches.py; lmttm and ttm), then predict each as usual; "
+                             "with --launcher slurm/submitit-local: one job per cell")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--list", action="store_true", help="print the run names and their state, run nothing")
     parser.add_argument("--status", action="store_true",
@@ -140,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "with its log), for sweeps on a cluster; runs nothing")
     cluster_args = parser.add_argument_group("cluster (tools/cluster.py; needs submitit)")
     cluster_args.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                              help="local (default): run here; slurm: one SLURM job per unfinished run, as a job "
-                                   "array; submitit-local: the same jobs on this machine through submitit")
+                              help="local (default): run here; slurm: one SLURM job per unfinished run (per cell with "
+                                   "--batch-seeds), as a job array; submitit-local: the same jobs on this machine "
+                                   "through submitit")
     cluster_args.add_argument("--partition", help="SLURM partition")
     cluster_args.add_argument("--gpus-per-run", type=int, default=0, metavar="G", help="GPUs of each job (default 0)")
     cluster_args.add_argument("--cpus-per-run", type=int, metavar="C",
@@ -220,9 +222,6 @@ def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> i
     from tools import cluster
 
     try:
-        if args.batch_seeds:
-            raise cluster.ClusterError("--batch-seeds runs with --launcher local only for now (a cluster job per "
-                                       "cell is not written yet); drop --batch-seeds to submit one job per run")
         if args.jobs != 1 or args.devices or args.dry_run:
             raise cluster.ClusterError("--jobs, --devices and --dry-run belong to --launcher local; a cluster gives "
                                        "each run its own job (--gpus-per-run, --cpus-per-run)")
@@ -234,6 +233,7 @@ def _launch_on_cluster(args, runs, runs_dir: Path, extra: dict, grid: dict) -> i
         print(f"grid {grid['name']}: {len(runs)} run(s) in {runs_dir}, launcher {args.launcher}")
         result, jobs = cluster.submit(
             runs, runs_dir, extra=extra, launcher=args.launcher, max_runs=args.max_runs, resubmit=args.resubmit,
+            batch_seeds=args.batch_seeds,
             partition=args.partition, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
             time_min=args.time, mem_gb=args.mem, array_parallelism=args.slurm_array_parallelism, sbatch_extra=slurm_extra,
             max_requeues=args.max_requeues, job_name=f"lmttm-{grid['name']}")
