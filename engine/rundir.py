@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from engine import runlog
 from engine.checkpoint import CheckpointError
 
 
@@ -345,10 +346,12 @@ class RunDirectory:
             self.lock = RunLock(self.path).acquire()
 
     def begin(self) -> None:
-        """Start writing: remove what a killed writer left; the run is not finished (any more)."""
+        """Start writing: remove what a killed writer left; the run is not finished (any more); from here on
+        what the process prints also goes to the run's train.log (a call refused before this writes nothing)."""
         if self.leader:
             self.remove_stale_temporaries()
             (self.path / TRAIN_SUMMARY).unlink(missing_ok=True)
+            runlog.start(self.path)
 
     def remove_stale_temporaries(self) -> None:
         stale = remove_stale_temporaries(self.path)

@@ -3,7 +3,8 @@
 `capture()` (entered by `engine.setup.run_cli`) copies everything the process prints to `sys.stdout` and
 `sys.stderr` (Python warnings included) while passing it through unchanged; `attach(run_dirs)` (train.py,
 once the config is known) names the file. The copy is appended to `<run dir>/train.log` from the moment the
-run directory exists (what was printed before is written first), after one header line per invocation:
+run starts writing its folder under its lock (`start`, from `RunDirectory.begin`; what was printed before is
+written first, and a call refused before that appends nothing), after one header line per invocation:
 
     ==== 2026-11-29 23:10:04 UTC  host myhost  python 3.12.3  torch 2.13.0  pid 4242: python train.py demo.json
 
@@ -87,9 +88,10 @@ class _Log:
     def __init__(self, path: Path, pending: list[str], size: int):
         self.path, self.pending, self.size = path, pending, size
         self.folder: int | None = None  # the run directory the header went into (its inode)
+        self.started = False  # the run owns its folder and writes (`start`): a refused call appends nothing
 
     def flush(self, header: str) -> None:
-        if not self.pending:
+        if not self.pending or not self.started:
             return
         try:
             folder = os.stat(self.path.parent).st_ino  # a new folder (after --restart) gets its own header
@@ -128,6 +130,16 @@ def attach(run_dirs: Path | list[Path], script: str, argv: list[str] | None = No
     if _active is not None:
         dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
         _active.attach(dirs, [script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def start(run_dir: Path) -> None:
+    """The run of `run_dir` starts writing (engine.rundir.RunDirectory.begin, under its lock): its train.log
+    gets what was printed so far and what follows."""
+    if _active is not None:
+        for log in _active.logs:
+            if log.path.parent == Path(run_dir):
+                log.started = True
+        _active.flush_pending()
 
 
 def quiet_broken_pipe() -> None:

@@ -60,18 +60,21 @@ with runlog.capture():
     warnings.warn("a test warning")
     sys.stderr.write("\\repoch 1/2:  50%|#####     | 1/2\\r")
     run_dir.mkdir()
+    print("folder made, run not started")
+    runlog.start(run_dir)  # RunDirectory.begin: the run owns its folder and writes
     print("after", file=sys.stderr)
 print("after the capture")
 """
 
 
-def test_the_log_starts_when_the_run_directory_exists_and_keeps_warnings_but_not_progress_bars(tmp_path):
+def test_the_log_starts_when_the_run_starts_writing_and_keeps_warnings_but_not_progress_bars(tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(run_dir)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     log = (run_dir / "train.log").read_text().splitlines()
     assert log[0].startswith("==== ") and log[0].endswith("python train.py demo.json")
     assert log[1] == "before the folder" and "UserWarning: a test warning" in log[2]
+    assert log[-2] == "folder made, run not started"  # written once the run starts, not before
     assert log[-1] == "after" and not any("50%" in line or "capture" in line for line in log)
 
 
