@@ -52,9 +52,8 @@ from engine.evaluate import official_metrics, predict_scores, uses_full_batches
 from engine.inputs import predict_inputs
 from engine.plots import ECE_BINS, MissingDependency, calibration, plot_evaluation
 from engine.protocols import original_mean, original_protocol_scores
-from engine.classical import ESTIMATOR_NAME, OLD_ESTIMATOR_NAME
-from engine.rundir import (BEST, EVAL_DIR, INPUT_PREDICTIONS, LAST, RunDirError, SharedRunLock, atomic_write_bytes,
-                           atomic_write_json, epoch_file_name)
+from engine.rundir import (BEST, ESTIMATOR, EVAL_DIR, INPUT_PREDICTIONS, LAST, OLD_ESTIMATOR, RunDirError,
+                           SharedRunLock, atomic_write_bytes, atomic_write_json, epoch_file_name)
 from engine.saver import committed_best
 from engine.setup import apply_determinism, dataset_for, load_data, model_from_config, resolve_device, run_cli
 from model.classical import is_classical
@@ -433,7 +432,7 @@ def _is_classical_run(args, cfg) -> bool:
     if args.checkpoint is not None:
         return Path(args.checkpoint).suffix in (".npz", ".joblib")
     return not (cfg.run_dir / BEST).exists() and any(
-        (cfg.run_dir / name).is_file() for name in (ESTIMATOR_NAME, OLD_ESTIMATOR_NAME))
+        (cfg.run_dir / name).is_file() for name in (ESTIMATOR, OLD_ESTIMATOR))
 
 
 def _evaluate_classical(args, cfg, split_name: str, info) -> int:
@@ -444,7 +443,7 @@ def _evaluate_classical(args, cfg, split_name: str, info) -> int:
         raise ConfigError("a scikit-learn run has no epoch checkpoints: leave out --last-k and eval.last_k")
     if args.protocol != "medmnist":
         raise ConfigError("--protocol original applies to the token Turing machines only, not to a scikit-learn run")
-    own = cfg.run_dir / ESTIMATOR_NAME
+    own = cfg.run_dir / ESTIMATOR
     path = own if args.checkpoint is None else Path(args.checkpoint)
     payload = classical.load_estimator(path)
     check_same_task(cfg, info, payload, path)

@@ -42,7 +42,7 @@ from engine import distributed, ensemble, runlog
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
 from engine.plots import TensorBoard
-from engine.rundir import CONFIG_JSON, RunDirectory, RunDirError, Terminated, atomic_write_json
+from engine.rundir import CONFIG_JSON, RunDirError, RunDirectory, atomic_write_json, interrupt_of
 from engine.saver import CheckpointSaver, complete_finished_run, is_finished, read_resume
 from engine.training import Job, learning_rate, make_optimizer, write_curves
 from engine.setup import (apply_determinism, apply_tf32, compile_model, load_data, model_from_config, resolve_device,
@@ -287,10 +287,10 @@ def run_epochs(cfg: Config, run: RunDirectory, job: Job, saver: CheckpointSaver,
                   f"val ACC {val_acc:.4f}  {seconds:.1f}s{'  *best*' if improved else ''}", flush=True)
             dist.barrier()
     except KeyboardInterrupt as err:
-        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        what, code = interrupt_of(err)
         print(f"\n{what} in epoch {epoch + 1}; that epoch is abandoned. {run.committed_note()} "
               f"Rerun the same command to resume.", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return code
     except NonFiniteLoss as err:
         print(f"error: {err}. Stopped; {run.committed_note()} Try a lower --train.lr "
               f"or --train.grad_clip 1.0.", file=sys.stderr)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from data.info import SIZES, SIZES_2D, SPLIT_NAMES, DataError, DatasetInfo
-from data.loading import Split, _check_arrays, _read_npz
+from data.loading import Split, check_arrays, read_npz
 
 CSV_NAME = "csv"
 CACHE_VERSION = 1
@@ -548,12 +548,12 @@ def load_cached_splits(info: DatasetInfo, splits=SPLIT_NAMES) -> dict[str, Split
     """The splits of a prepared CSV dataset's .npz, as `data.loading.load_splits` gives a MedMNIST file's."""
     result = {}
     try:
-        arrays = _read_npz(info, tuple(splits))
+        arrays = read_npz(info, tuple(splits))
     except DataError as err:
         raise DataError(f"the cache of the CSV dataset is damaged ({err}); delete {info.path} and run again to "
                         f"rebuild it") from None
     for split, (images, labels) in arrays.items():
-        flat = _check_arrays(info, split, images, labels)
+        flat = check_arrays(info, split, images, labels)
         if images.ndim == 4 and info.dims == 2:  # RGB (N, S, S, 3) -> (N, 3, S, S)
             tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         else:

@@ -83,7 +83,7 @@ def _corrupt_file_error(info: DatasetInfo, error: BaseException) -> DataError:
     )
 
 
-def _check_arrays(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def check_arrays(info: DatasetInfo, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Check the shapes, dtypes and label range of one stored split; return labels as int64 (N,), or (N, L)
     for a multi-label task."""
     where = f"{info.path}: {split}_images"
@@ -123,7 +123,7 @@ def _check_arrays(info: DatasetInfo, split: str, images: np.ndarray, labels: np.
     return flat
 
 
-def _read_npz(info: DatasetInfo, splits: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def read_npz(info: DatasetInfo, splits: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read and check the requested splits of the dataset file."""
     assert info.path is not None
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -209,8 +209,8 @@ def load_splits(
         _download.download_file(info.url, info.path, info.md5)
 
     result = {}
-    for split, (images, labels) in _read_npz(info, splits).items():
-        flat_labels = _check_arrays(info, split, images, labels)
+    for split, (images, labels) in read_npz(info, splits).items():
+        flat_labels = check_arrays(info, split, images, labels)
         if images.ndim == 4 and info.dims == 2:  # RGB (N, S, S, 3) -> channels first (N, 3, S, S)
             tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         else:  # (N, S, S, S) -> (N, 1, S, S, S), grey (N, S, S) -> (N, 1, S, S): views, the stored axis order kept

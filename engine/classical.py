@@ -53,13 +53,11 @@ from data import DataError, Split, check_split, data_md5
 from engine.checkpoint import CheckpointError, package_versions
 from engine.config import Config, ConfigError, config_to_dict
 from engine.evaluate import official_metrics
-from engine.rundir import (CONFIG_JSON, ESTIMATOR, OLD_ESTIMATOR, TRAIN_SUMMARY, RunDirectory, RunDirError, Terminated,
-                           atomic_write_bytes, atomic_write_json)
+from engine.rundir import (CONFIG_JSON, ESTIMATOR, OLD_ESTIMATOR, TRAIN_SUMMARY, RunDirError, RunDirectory,
+                           atomic_write_bytes, atomic_write_json, interrupt_of)
 from engine.setup import load_data, seed_everything
 from model.classical_state import SavedEstimator, StateError, export_state, state_bytes
 
-ESTIMATOR_NAME = ESTIMATOR
-OLD_ESTIMATOR_NAME = OLD_ESTIMATOR  # pickles of older versions: refused, never loaded
 FORMAT = "lmttm-classical-estimator"
 FORMAT_VERSION = 2
 CHUNK = 10  # hgb: boosting iterations grown between two checks of the early-stopping rule
@@ -218,9 +216,9 @@ def load_estimator(path: Path) -> dict:
     only if its SHA-256 is the one train.py recorded in train_summary.json beside it. Nothing on this path
     unpickles: the arrays are read with allow_pickle=False. Raises CheckpointError otherwise."""
     path = Path(path)
-    if path.suffix == ".joblib" or (path.name == ESTIMATOR_NAME and not path.exists()
-                                    and (path.parent / OLD_ESTIMATOR_NAME).exists()):
-        _refuse_old(path if path.suffix == ".joblib" else path.parent / OLD_ESTIMATOR_NAME)
+    if path.suffix == ".joblib" or (path.name == ESTIMATOR and not path.exists()
+                                    and (path.parent / OLD_ESTIMATOR).exists()):
+        _refuse_old(path if path.suffix == ".joblib" else path.parent / OLD_ESTIMATOR)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise CheckpointError(f"{path} {what}; train the run first (python train.py <config>)")
@@ -288,7 +286,7 @@ def _finished(cfg: Config, run_dir: Path) -> bool:
     if diffs:
         raise CheckpointError(f"{run_dir} holds a finished run of another config ({'; '.join(diffs)}). Use another "
                               f"--output.name, or --restart to fit this run again (the old one is kept aside).")
-    load_estimator(run_dir / ESTIMATOR_NAME)  # refuses a missing or altered estimator
+    load_estimator(run_dir / ESTIMATOR)  # refuses a missing or altered estimator
     return True
 
 
@@ -368,17 +366,17 @@ def _fit_and_save(cfg: Config, run: RunDirectory, info, md5, x_train, y_train, x
                 "dataset": {"name": info.name, "size": info.size, "num_classes": info.num_classes,
                             "task": info.task, "md5": md5}}
         data = state_bytes(arrays, meta)
-        atomic_write_bytes(data, run_dir / ESTIMATOR_NAME)
+        atomic_write_bytes(data, run_dir / ESTIMATOR)
         summary = {"finished": True, "epochs": 1, "best_epoch": 1, "best_val_auc": val_auc, "best_val_acc": val_acc,
                    "param_count": learned_numbers(pipe), "data_md5": md5, "versions": package_versions(),
                    "seconds": round(seconds, 2), "model": cfg.model_name, "selection": selection,
-                   "estimator": ESTIMATOR_NAME, "estimator_sha256": sha256(data)}
+                   "estimator": ESTIMATOR, "estimator_sha256": sha256(data)}
         atomic_write_json(summary, run_dir / TRAIN_SUMMARY)  # the commit point of the run
     except KeyboardInterrupt as err:
-        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        what, code = interrupt_of(err)
         run.discard_if_empty()
         print(f"\n{what} while fitting; nothing was kept. Rerun the same command to fit it again.", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return code
     print(f"done: {json.dumps(selection['chosen'])}  val AUC {val_auc:.4f}  val ACC {val_acc:.4f}  "
-          f"({seconds:.1f}s); estimator in {run_dir / ESTIMATOR_NAME}")
+          f"({seconds:.1f}s); estimator in {run_dir / ESTIMATOR}")
     return 0

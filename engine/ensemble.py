@@ -42,8 +42,8 @@ from engine.checkpoint import load_weights
 from engine.config import Config, ConfigError, config_to_dict, load_config
 from engine.distributed import Distributed
 from engine.evaluate import official_metrics, predict_scores, task_loss, uses_full_batches
-from engine.rundir import (CONFIG_JSON, FAULTS, RunDirectory, RunDirError, Terminated, atomic_save,
-                           atomic_write_json)
+from engine.rundir import (CONFIG_JSON, FAULTS, RunDirError, RunDirectory, atomic_save, atomic_write_json,
+                           checkpoint_epoch, interrupt_of)
 from engine.saver import CheckpointSaver, complete_finished_run, is_finished, read_resume
 from engine.setup import load_data, model_from_config, restore_rng_state, seed_everything
 from engine.training import Job, learning_rate, make_optimizer, write_curves
@@ -257,8 +257,6 @@ def settle_pending(members: list[Member]) -> None:
     """Finish or undo an epoch commit a kill interrupted: when some member's last.pt already holds the epoch of
     the pending files, the renames had started and the others' pending files are renamed over their last.pt
     (all pending files were complete by then); otherwise the pending files are removed (the epoch is redone)."""
-    from engine.rundir import checkpoint_epoch  # noqa: PLC0415
-
     epochs = [checkpoint_epoch(m.run.last) or 0 for m in members if m.run.locked and m.run.last.exists()]
     top = max(epochs, default=0)
     for m in members:
@@ -398,10 +396,10 @@ def train(cfg: Config, restart: bool, dist: Distributed, device: torch.device, e
     try:
         run_epochs(cfg, todo, device)
     except KeyboardInterrupt as err:
-        what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        what, code = interrupt_of(err)
         print(f"\n{what}; the epoch in progress is abandoned by every seed. Each seed's last.pt holds its last "
               f"finished epoch. Rerun the same command to resume.", file=sys.stderr)
-        return 143 if isinstance(err, Terminated) else 130
+        return code
     except RunDirError as err:
         for m in todo:
             m.run.discard_if_empty()

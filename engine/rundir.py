@@ -42,7 +42,7 @@ LOCK_NAME = ".lock"
 CONFIG_JSON = "config.json"
 METRICS_CSV = "metrics.csv"
 TRAIN_SUMMARY = "train_summary.json"  # written last: the run is finished (the commit point of a whole run)
-TRAIN_LOG = "train.log"  # what the runs printed (engine/runlog.py)
+TRAIN_LOG = runlog.LOG_NAME            # what the runs printed (engine/runlog.py)
 LAST = "last.pt"                      # every epoch: the commit point of an epoch
 BEST = "best.pt"                      # the epoch of the best validation AUC, committed by last.pt
 EVAL_DIR = "eval"                     # predict.py's results, one folder per split and protocol
@@ -74,6 +74,11 @@ class SimulatedKill(BaseException):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so that the same clean-up runs; the exit code is 143."""
+
+
+def interrupt_of(err: KeyboardInterrupt) -> tuple[str, int]:
+    """(what happened, exit code) of an interrupt: SIGTERM 143, Ctrl-C 130."""
+    return ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted (Ctrl-C)", 130)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-LOG_NAME = "train.log"  # engine.rundir.TRAIN_LOG
+LOG_NAME = "train.log"  # engine.rundir.TRAIN_LOG names it for the run directory
 BROKEN_PIPE_EXIT = 141
 _PENDING_LIMIT = 1 << 20  # characters kept while the run directory does not exist yet
 

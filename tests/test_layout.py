@@ -99,3 +99,13 @@ def test_docs_layout_names_every_source_file():
     layout = (ROOT / "docs" / "layout.md").read_text()
     unnamed = [str(p.relative_to(ROOT)) for p in source_files() if p.name != "__init__.py" and p.name not in layout]
     assert unnamed == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A helper used by two files is public (issue 21): `from x import _name` across project files is refused."""
+    modules = {module_name(p) for p in source_files()}
+    private = [f"{p.relative_to(ROOT)}: from {node.module} import {alias.name}"
+               for p in source_files() for node in ast.walk(ast.parse(p.read_text()))
+               if isinstance(node, ast.ImportFrom) and node.module in modules
+               for alias in node.names if alias.name.startswith("_")]
+    assert private == []

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tools.grid import REPO_ROOT, run_settings
-from tools.run_state import commands, run_mismatches, train_finished, write_settings
+from tools.run_state import LOG_FILE, commands, run_mismatches, train_finished, write_settings
 
 
 def seed_groups(runs: list) -> list[list]:
@@ -71,7 +71,7 @@ def train_cells(runs: list, runs_dir: Path, *, extra: dict | None, runner, pytho
         for run in todo:
             (runs_dir / run.name).mkdir(parents=True, exist_ok=True)
             write_settings(runs_dir / run.name, run.config, run_settings(run, extra))
-        log_path = runs_dir / todo[0].name / "sweep.log"
+        log_path = runs_dir / todo[0].name / LOG_FILE
         log(f"{todo[0].cell}: training seeds {', '.join(str(run.seed) for run in todo)} in one process "
             f"(log: {log_path})")
         t0 = time.time()
