@@ -161,7 +161,7 @@ def _train(args, overrides, stack: contextlib.ExitStack) -> int:
     apply_determinism(cfg.train.deterministic)  # before anything touches CUDA
     apply_tf32(cfg.train.tf32)
     dist, device_name = distributed.from_environment(cfg.train.device, cfg.train.dist_timeout_min)  # torchrun
-    stack.callback(dist.close)
+    stack.push(dist)  # Distributed.__exit__: the process group is torn down after a clean end
     device = resolve_device(device_name)
     if cfg.train.seeds is not None:  # the seeds of one config trained together (engine/ensemble.py)
         return ensemble.train(cfg, args.restart, dist, device, stack)

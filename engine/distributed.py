@@ -94,6 +94,14 @@ class Distributed:
         if self.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        """ExitStack.push(dist): the process group is torn down after a clean end only. After an error (a rank
+        that died or froze, a timeout) the process is ending anyway, and tearing down a group whose peer does not
+        answer can block."""
+        if exc_type is None:
+            self.close()
+        return False
+
 
 def collective_failure(err: BaseException) -> str | None:
     """One line for a collective that failed because another rank died or froze; None for any other error."""
